@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+export PYTHONUNBUFFERED := 1
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# pip prints a warning per package for index folders it cannot read; keep real errors.
+QUIET_PIP := { grep -v "is ignored" || true; }
+
+.PHONY: demo test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | $(QUIET_PIP)
+
+# One stamp per extras set, rebuilt when the dependency list changes.
+$(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[$*]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import gemmascope_jax" && touch $@
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/gemmascope-jax demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q --durations=15
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python scripts/bench_forward.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""gemmascope-jax: Gemma Scope 2 in JAX/Flax NNX.
+
+    import gemmascope_jax as gsj
+    model, tok = gsj.load_gemma3()                      # embedded Gemma 3 270M (GGUF)
+    out = model(tokens, capture=("resid_post.9", "model.layers.5.pre_feedforward_layernorm.output"))
+    out.logits, out.sites["resid_post.9"]
+    model(tokens, interventions={"resid_post.9": fn})
+"""
+
+from gemmascope_jax.gemma3.config import Gemma3Config, preset
+from gemmascope_jax.gemma3.loading import load_gemma3, save_gemma3
+from gemmascope_jax.gemma3.model import Gemma3, Gemma3Output
+from gemmascope_jax.gemma3.sites import Site, resolve_site
+from gemmascope_jax.sharding import make_mesh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Gemma3",
+    "Gemma3Config",
+    "Gemma3Output",
+    "Site",
+    "load_gemma3",
+    "make_mesh",
+    "preset",
+    "resolve_site",
+    "save_gemma3",
+]
