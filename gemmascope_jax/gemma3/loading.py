@@ -215,7 +215,7 @@ def fill_parameters(model: Gemma3, ckpt, *, mesh=None, rules=LOGICAL_RULES, prog
             if mesh is not None
             else None
         )
-        param.value = _place(source, dtype, sharding, name, ckpt)
+        param.set_value(_place(source, dtype, sharding, name, ckpt))
     return model
 
 

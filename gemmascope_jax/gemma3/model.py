@@ -99,11 +99,12 @@ class Attention(nnx.Module):
         cos, sin = rope
         q_btkgh = _apply_rope(q_btkgh, cos[:, :, None, None], sin[:, :, None, None])
         k_bskh = _apply_rope(k_bskh, cos[:, :, None], sin[:, :, None])
-        scale = jnp.asarray(cfg.query_pre_attn_scalar**-0.5, x.dtype)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh) * scale
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh)
+        # Scale in float32 then round, as torch does for `bf16_tensor * python_float`.
+        scores = (scores.astype(wide) * cfg.query_pre_attn_scalar**-0.5).astype(x.dtype)
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=-1)
-        probs = probs.astype(x.dtype)
+        probs = jax.nn.softmax(scores.astype(wide), axis=-1).astype(x.dtype)
         probs = hook("attn_pattern", probs.reshape(b, cfg.num_heads, t, t)).reshape(probs.shape)
         z = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, cfg.num_heads * hd)
         return self.o_proj(hook("attn_z", z))
@@ -118,7 +119,10 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array, hook) -> jax.Array:
-        hidden = jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x)
+        gate = self.gate_proj(x)
+        # tanh-GELU evaluated in float32 and rounded once, like torch's bf16 kernel.
+        act = jax.nn.gelu(gate.astype(jnp.promote_types(gate.dtype, jnp.float32)), approximate=True)
+        hidden = act.astype(x.dtype) * self.up_proj(x)
         return self.down_proj(hook("mlp_hidden", hidden))
 
 

@@ -215,7 +215,7 @@ def load_tokenizer_from_gguf(
 ) -> Tokenizer:
     """Load the tokenizer embedded in a GGUF file, converting it once and caching the result.
 
-    The conversion (transformers' GGUF vocab reader) takes ~15 s for Gemma 3's 262k vocab; the
+    The conversion (transformers' GGUF vocab reader) takes ~15-20 s for Gemma 3's 262k vocab; the
     cached HF files load in a few seconds. The cache entry is written to a temp dir and renamed
     into place, so a crash never leaves a half-written entry; an unreadable entry is rebuilt.
     """

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny transformers Gemma 3 checkpoints and our models loaded from them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.hf_reference import tiny_causal_lm
+
+
+@pytest.fixture(scope="session")
+def hf_tiny():
+    """A randomized tiny `Gemma3ForCausalLM` (float32, eager attention)."""
+    return tiny_causal_lm(seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_dir(hf_tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_tiny")
+    hf_tiny.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(hf_tiny_dir):
+    from gemmascope_jax.gemma3.loading import load_gemma3
+
+    model, _ = load_gemma3(hf_tiny_dir, tokenizer=False, progress=False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens():
+    """Two sequences of 24 tokens: longer than the sliding window (8)."""
+    return np.random.RandomState(0).randint(4, 512, size=(2, 24))
