@@ -1,10 +1,10 @@
 """gemmascope-jax: Gemma Scope 2 in JAX/Flax NNX.
 
-    import gemmascope_jax as gsj
-    model, tok = gsj.load_gemma3()                      # embedded Gemma 3 270M (GGUF)
-    out = model(tokens, capture=("resid_post.9", "model.layers.5.pre_feedforward_layernorm.output"))
-    out.logits, out.sites["resid_post.9"]
-    model(tokens, interventions={"resid_post.9": fn})
+import gemmascope_jax as gsj
+model, tok = gsj.load_gemma3()                      # embedded Gemma 3 270M (GGUF)
+out = model(tokens, capture=("resid_post.9", "model.layers.5.pre_feedforward_layernorm.output"))
+out.logits, out.sites["resid_post.9"]
+model(tokens, interventions={"resid_post.9": fn})
 """
 
 from gemmascope_jax.gemma3.config import Gemma3Config, preset

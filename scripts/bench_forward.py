@@ -56,8 +56,9 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 def load_models(dtype_name: str):
-    from gemmascope_jax.gemma3.loading import embedded_gguf_path, load_gemma3
     from transformers import AutoModelForCausalLM
+
+    from gemmascope_jax.gemma3.loading import embedded_gguf_path, load_gemma3
 
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
@@ -155,25 +156,35 @@ def main() -> None:
         f"batch {args.batch} x seq {args.seq} = {ntok} tokens, {args.dtype}, "
         f"{args.repeats} alternating repeats"
     )
-    print(f"our compile + first run: (a) {compile_a:.2f} s, (b) {compile_b:.2f} s; "
-          f"transformers first run: (a) {warm_hf[0]:.2f} s, (b) {warm_hf[1]:.2f} s")
+    print(
+        f"our compile + first run: (a) {compile_a:.2f} s, (b) {compile_b:.2f} s; "
+        f"transformers first run: (a) {warm_hf[0]:.2f} s, (b) {warm_hf[1]:.2f} s"
+    )
     rows = [
         ("(a) full logits", "ours_a", "hf_a"),
         (f"(b) resid_post.{L} only", "ours_b", "hf_b"),
     ]
-    print(f"\n| case | ours median s | transformers median s | ours tok/s | "
-          f"transformers tok/s | ours/transformers |")
+    print(
+        "\n| case | ours median s | transformers median s | ours tok/s | "
+        "transformers tok/s | ours/transformers |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for label, o, p in rows:
-        print(f"| {label} | {med[o]:.3f} | {med[p]:.3f} | {tps[o]:,.0f} | {tps[p]:,.0f} | "
-              f"{tps[o] / tps[p]:.2f}x |")
+        print(
+            f"| {label} | {med[o]:.3f} | {med[p]:.3f} | {tps[o]:,.0f} | {tps[p]:,.0f} | "
+            f"{tps[o] / tps[p]:.2f}x |"
+        )
     print("\nall times (s):")
     for k, v in times.items():
         print(f"  {k:7s} " + " ".join(f"{x:.3f}" for x in v))
-    print(f"\nratio ours/transformers: (a) {tps['ours_a'] / tps['hf_a']:.2f}x, "
-          f"(b) {tps['ours_b'] / tps['hf_b']:.2f}x")
-    print(f"our early-stop speedup (b) over (a): {med['ours_a'] / med['ours_b']:.2f}x "
-          f"(transformers: {med['hf_a'] / med['hf_b']:.2f}x)")
+    print(
+        f"\nratio ours/transformers: (a) {tps['ours_a'] / tps['hf_a']:.2f}x, "
+        f"(b) {tps['ours_b'] / tps['hf_b']:.2f}x"
+    )
+    print(
+        f"our early-stop speedup (b) over (a): {med['ours_a'] / med['ours_b']:.2f}x "
+        f"(transformers: {med['hf_a'] / med['hf_b']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

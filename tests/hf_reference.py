@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] + [
-    "sliding_attention"
-] * 3 + ["full_attention"]
+LAYER_TYPES = (
+    ["sliding_attention", "sliding_attention", "full_attention"]
+    + ["sliding_attention"] * 3
+    + ["full_attention"]
+)
 
 
 def tiny_text_config(**overrides) -> Gemma3TextConfig:
@@ -76,8 +78,10 @@ def hf_run_with_sites(hf_model, tokens, **kwargs) -> tuple[np.ndarray, dict[str,
     named by the Gemma Scope 2 hook strings, plus the eager attention probabilities."""
     captured: dict[str, np.ndarray] = {}
     handles = []
-    text_model = hf_model.model.language_model if hasattr(hf_model.model, "language_model") else (
-        hf_model.model
+    text_model = (
+        hf_model.model.language_model
+        if hasattr(hf_model.model, "language_model")
+        else (hf_model.model)
     )
 
     def first(x):

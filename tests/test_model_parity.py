@@ -9,7 +9,7 @@ import torch
 
 from gemmascope_jax.gemma3.loading import load_gemma3
 from gemmascope_jax.gemma3.sites import LAYER_SITES, Site, hf_hook_point
-from tests.hf_reference import hf_run_with_sites, rel_err, tiny_causal_lm
+from tests.hf_reference import hf_run_with_sites, rel_err
 
 F32_TOL = 1e-5
 # bf16: both sides round every linear, residual add and softmax output to 8 mantissa bits,

@@ -164,13 +164,15 @@ def test_gradient_wrt_site_matches_finite_differences():
             np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(fd), rtol=1e-6)
         # Causality: the logit at position 5 does not depend on resid_mid at positions > 5,
         # and the last position's logit does; gradients see the causal mask.
-        g5 = jax.grad(lambda d: model(toks, interventions={"resid_mid.3": lambda x: x + d}).logits[
-            0, 5, 3
-        ])(delta0)
+        g5 = jax.grad(
+            lambda d: model(toks, interventions={"resid_mid.3": lambda x: x + d}).logits[0, 5, 3]
+        )(delta0)
         assert np.abs(np.asarray(g5[0, 6:])).max() == 0.0
         assert np.abs(np.asarray(g5[0, :6])).max() > 0.0
 
 
 def test_duplicate_intervention_names_rejected(model, tokens):
     with pytest.raises(ValueError, match="same site mlp_in.2"):
-        model(tokens, interventions={"mlp_in.2": jnp.negative, "blocks.2.hook_mlp_in": jnp.negative})
+        model(
+            tokens, interventions={"mlp_in.2": jnp.negative, "blocks.2.hook_mlp_in": jnp.negative}
+        )

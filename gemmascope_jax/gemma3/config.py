@@ -109,10 +109,13 @@ class Gemma3Config:
         if missing := [k for k in required if k not in text]:
             raise ValueError(f"config.json lacks required fields {missing}")
         if text.get("use_bidirectional_attention"):
-            raise ValueError("config.json: use_bidirectional_attention=true is not Gemma 3 causal LM")
+            raise ValueError(
+                "config.json: use_bidirectional_attention=true is not Gemma 3 causal LM"
+            )
         num_layers = int(text["num_hidden_layers"])
         layer_types = text.get("layer_types") or default_layer_types(
-            num_layers, int(text.get("sliding_window_pattern", text.get("_sliding_window_pattern", 6)))
+            num_layers,
+            int(text.get("sliding_window_pattern", text.get("_sliding_window_pattern", 6))),
         )
         local_base, global_base, scaling = 10_000.0, 1_000_000.0, 1.0
         rope = text.get("rope_parameters")
@@ -166,7 +169,7 @@ class Gemma3Config:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "query_pre_attn_scalar": _int_if_whole(self.query_pre_attn_scalar),
             "sliding_window": self.sliding_window,
             "layer_types": list(self.layer_types),
             "rope_parameters": {
@@ -186,6 +189,11 @@ class Gemma3Config:
             "eos_token_id": 1,
             "dtype": dtype_name or "float32",
         }
+
+
+def _int_if_whole(x: float) -> int | float:
+    """transformers' strict config wants an int where the value is whole (e.g. 256)."""
+    return int(x) if float(x).is_integer() else x
 
 
 def _linear_factor(rope: dict) -> float:

@@ -157,12 +157,14 @@ class Gemma3(nnx.Module):
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype, 0.02
         )
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.norm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, rngs=rngs
+        )
 
     # ---- pieces, public because analysis code composes them ----------------------------------
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """tokens [batch, seq] -> scaled embeddings [batch, seq, d_model] in the activation dtype."""
+        """tokens [batch, seq] -> scaled embeddings [batch, seq, d_model], activation dtype."""
         table = self.embed_tokens[...]
         scale = jnp.asarray(self.cfg.embed_scale, table.dtype)
         return (jnp.take(table, tokens, axis=0) * scale).astype(self.cfg.dtype)

@@ -6,22 +6,22 @@ other transformers module paths of the same tensors, and the SAELens / Transform
 circuit-tracer hook names resolve to the same `Site`. Layer indices may be negative
 (`resid_post.-1` is the last layer).
 
-Per-layer sites, in forward order, with shapes:
+Per-layer sites, in forward order, with shapes (b = batch, t = sequence):
 
-| site          | tensor                                                    | shape                 |
-|---------------|-----------------------------------------------------------|-----------------------|
-| `resid_pre`   | block input (layer 0: scaled embeddings)                  | [batch, seq, d_model] |
-| `attn_in`     | `input_layernorm` output                                  | [batch, seq, d_model] |
-| `attn_pattern`| softmax attention probabilities                           | [batch, heads, q, k]  |
-| `attn_z`      | concatenated head outputs, `o_proj` input (GS2 attn_out)  | [batch, seq, H*hd]    |
-| `attn_proj`   | `o_proj` output, before the post-attention norm           | [batch, seq, d_model] |
-| `attn_out`    | `post_attention_layernorm` output (added to the residual) | [batch, seq, d_model] |
-| `resid_mid`   | residual after attention                                  | [batch, seq, d_model] |
-| `mlp_in`      | `pre_feedforward_layernorm` output (transcoder input)     | [batch, seq, d_model] |
-| `mlp_hidden`  | `gelu(gate) * up`, `down_proj` input                      | [batch, seq, d_ff]    |
-| `mlp_proj`    | `down_proj` output, before the post-feedforward norm      | [batch, seq, d_model] |
-| `mlp_out`     | `post_feedforward_layernorm` output (transcoder target)   | [batch, seq, d_model] |
-| `resid_post`  | block output (GS2 resid_post)                             | [batch, seq, d_model] |
+| site           | tensor                                                    | shape            |
+|----------------|-----------------------------------------------------------|------------------|
+| `resid_pre`    | block input (layer 0: scaled embeddings)                  | [b, t, d_model]  |
+| `attn_in`      | `input_layernorm` output                                  | [b, t, d_model]  |
+| `attn_pattern` | softmax attention probabilities                           | [b, heads, t, t] |
+| `attn_z`       | head outputs concatenated, `o_proj` input (GS2 attn_out)  | [b, t, H*hd]     |
+| `attn_proj`    | `o_proj` output, before the post-attention norm           | [b, t, d_model]  |
+| `attn_out`     | `post_attention_layernorm` output (added to the residual) | [b, t, d_model]  |
+| `resid_mid`    | residual after attention                                  | [b, t, d_model]  |
+| `mlp_in`       | `pre_feedforward_layernorm` output (transcoder input)     | [b, t, d_model]  |
+| `mlp_hidden`   | `gelu(gate) * up`, `down_proj` input                      | [b, t, d_ff]     |
+| `mlp_proj`     | `down_proj` output, before the post-feedforward norm      | [b, t, d_model]  |
+| `mlp_out`      | `post_feedforward_layernorm` output (transcoder target)   | [b, t, d_model]  |
+| `resid_post`   | block output (GS2 resid_post)                             | [b, t, d_model]  |
 
 Global sites: `embed` (= `resid_pre.0`), `final_norm` ([batch, seq, d_model]) and `logits`
 ([batch, seq, vocab]).
@@ -118,8 +118,7 @@ def valid_forms(num_layers: int) -> str:
         f"(L in 0..{last} or -{num_layers}..-1); transformers paths: "
         + ", ".join(f"model.layers.L.{p}" for p in _HF_LAYER_PATHS)
         + ", model.embed_tokens.output, model.norm.input, model.norm.output, lm_head.output; "
-        "TransformerLens/SAELens hooks: "
-        + ", ".join(f"blocks.L.{h}" for h in _TL_LAYER_HOOKS)
+        "TransformerLens/SAELens hooks: " + ", ".join(f"blocks.L.{h}" for h in _TL_LAYER_HOOKS)
     )
 
 
@@ -138,15 +137,12 @@ def resolve_site(name: str, num_layers: int) -> Site:
         return Site(kind, layer)
     if key == "model.norm.input":
         return Site("resid_post", num_layers - 1)
-    if m := re.fullmatch(r"([a-z_]+)\.(-?\d+)", key):
-        if m[1] in LAYER_SITES:
-            return _check_layer(Site(m[1], int(m[2])), name, num_layers)
-    if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key):
-        if m[2] in _HF_LAYER_PATHS:
-            return _check_layer(Site(_HF_LAYER_PATHS[m[2]], int(m[1])), name, num_layers)
-    if m := re.fullmatch(r"blocks\.(\d+)\.(.+)", key):
-        if m[2] in _TL_LAYER_HOOKS:
-            return _check_layer(Site(_TL_LAYER_HOOKS[m[2]], int(m[1])), name, num_layers)
+    if (m := re.fullmatch(r"([a-z_]+)\.(-?\d+)", key)) and m[1] in LAYER_SITES:
+        return _check_layer(Site(m[1], int(m[2])), name, num_layers)
+    if (m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)) and m[2] in _HF_LAYER_PATHS:
+        return _check_layer(Site(_HF_LAYER_PATHS[m[2]], int(m[1])), name, num_layers)
+    if (m := re.fullmatch(r"blocks\.(\d+)\.(.+)", key)) and m[2] in _TL_LAYER_HOOKS:
+        return _check_layer(Site(_TL_LAYER_HOOKS[m[2]], int(m[1])), name, num_layers)
     raise ValueError(f"unknown site {name!r}. Valid forms: {valid_forms(num_layers)}")
 
 
