@@ -1,0 +1,115 @@
+"""`gemmascope-jax` command line: `demo` and `sites` (training, conversion and analysis verbs
+arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEMO_CHAT = [{"role": "user", "content": "In one sentence, what does a microscope let you do?"}]
+DEMO_TEXT = "The Eiffel Tower is in Paris, and the Colosseum is in Rome."
+DEMO_SITES = ("resid_post.5", "model.layers.9.pre_feedforward_layernorm.output", "attn_z.12")
+COMING = """\
+Coming next (open issues):
+  * every Gemma Scope 2 dictionary (JumpReLU SAE, transcoder, skip-transcoder, CLT, crosscoder)
+    with converters to/from Gemma Scope 2, SAELens and circuit-tracer files;
+  * `gemmascope-jax train CONFIG`: sharded, resumable Matryoshka training on these activations
+    (this demo will then train a small dictionary on the embedded corpus);
+  * Pallas sparse kernels, steering / refusal / jailbreak analysis, attribution graphs."""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    import gemmascope_jax as gsj
+    from gemmascope_jax.gemma3.generate import generate
+
+    t0 = time.perf_counter()
+    model, tok = gsj.load_gemma3(args.model)
+    cfg = model.cfg
+    print(
+        f"Loaded {cfg.name}: {cfg.num_layers} layers, d_model {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size} in {time.perf_counter() - t0:.1f}s"
+    )
+
+    prompt = tok.chat(DEMO_CHAT)
+    print("\n== Chat-formatted completion (greedy) ==")
+    print(tok.decode(prompt), end="")
+    t0 = time.perf_counter()
+    new = generate(model, [prompt], max_new_tokens=args.max_new_tokens)[0]
+    print(tok.decode(new, skip_special_tokens=True).strip())
+    print(f"[{len(new)} tokens in {time.perf_counter() - t0:.1f}s]")
+
+    ids = tok.encode(DEMO_TEXT)
+    pieces = [tok.decode([i]) for i in ids]
+    out = model(jnp.asarray([ids]), capture=DEMO_SITES, logits=False)
+    print(f"\n== Top activations on {DEMO_TEXT!r} (BOS excluded) ==")
+    for site in DEMO_SITES:
+        acts = np.asarray(out.sites[site][0, 1:], np.float32)
+        flat = np.argsort(-np.abs(acts), axis=None)[: args.top]
+        print(f"{site}  [{acts.shape[0]} tokens x {acts.shape[1]} dims]")
+        for pos, dim in zip(*np.unravel_index(flat, acts.shape), strict=True):
+            print(f"    token {pieces[pos + 1]!r:>12}  dim {dim:5d}  value {acts[pos, dim]:+9.2f}")
+    _plot_residual_norms(model, ids, pieces, Path(args.out))
+    print("\n" + COMING)
+    return 0
+
+
+def _plot_residual_norms(model, ids, pieces, out_dir: Path) -> None:
+    """Heatmap of ||resid_post|| per layer and token: where the residual stream grows."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    sites = [f"resid_post.{i}" for i in range(model.cfg.num_layers)]
+    out = model(jnp.asarray([ids]), capture=sites, logits=False)
+    norms = np.stack([np.linalg.norm(np.asarray(out.sites[s][0, 1:]), axis=-1) for s in sites])
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(ids)), 5))
+    im = ax.imshow(np.log10(norms), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(ids) - 1), [repr(p)[1:-1] for p in pieces[1:]], rotation=60)
+    ax.set_ylabel("layer")
+    ax.set_title("log10 ||resid_post|| per token (BOS excluded)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "resid_norms.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"\nSaved {path}")
+
+
+def _sites(args: argparse.Namespace) -> int:
+    from gemmascope_jax.gemma3.config import preset
+    from gemmascope_jax.gemma3.sites import valid_forms
+
+    print(valid_forms(preset(args.preset).num_layers))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gemmascope-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="load the embedded Gemma 3 270M, chat, show activations")
+    demo.add_argument("--model", default=None, help="HF dir, hub id or .gguf (default: embedded)")
+    demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.add_argument("--top", type=int, default=4, help="activations shown per site")
+    demo.add_argument("--out", default="out/demo", help="folder for the plot")
+    demo.set_defaults(func=_demo)
+    sites = sub.add_parser("sites", help="list accepted activation-site names")
+    sites.add_argument("--preset", default="270m")
+    sites.set_defaults(func=_sites)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
