@@ -14,8 +14,8 @@ from tests.hf_reference import hf_run_with_sites, rel_err
 F32_TOL = 1e-5
 # bf16: both sides round every linear, residual add and softmax output to 8 mantissa bits,
 # but in different orders (XLA fuses, torch does not), so errors of a few bf16 ulps compound
-# over 7 layers. Measured ~1e-2 on these weights; 3e-2 leaves headroom without hiding bugs
-# (a wrong norm or RoPE convention gives errors of order 1).
+# over 7 layers. Measured 1.6e-2 on the logits (1.1e-2 on resid_post.6); 3e-2 leaves headroom
+# without hiding bugs (a wrong norm or RoPE convention gives errors of order 1).
 BF16_TOL = 3e-2
 
 
@@ -95,7 +95,7 @@ def test_left_padded_batch(tiny_model, hf_tiny):
         assert rel_err(out.logits[i, real], alone) <= F32_TOL
 
 
-def test_bfloat16_within_documented_tolerance(hf_tiny_dir, tiny_tokens):
+def test_bfloat16_within_documented_tolerance(hf_tiny_dir, tiny_tokens, reference):
     from transformers import Gemma3ForCausalLM
 
     hf = Gemma3ForCausalLM.from_pretrained(
@@ -109,6 +109,10 @@ def test_bfloat16_within_documented_tolerance(hf_tiny_dir, tiny_tokens):
     assert rel_err(out.logits, ref_logits) <= BF16_TOL
     for name in ("resid_post.3", "mlp_out.6"):
         assert rel_err(out.sites[name], ref_sites[name]) <= BF16_TOL, name
+    # Against the float32 truth, our bf16 is no less accurate than transformers' bf16
+    # (measured: 1.9e-2 vs 2.1e-2).
+    f32_logits, _ = reference
+    assert rel_err(out.logits, f32_logits) <= 1.25 * rel_err(ref_logits, f32_logits)
 
 
 def test_sharded_safetensors_with_index(hf_tiny, tmp_path, tiny_model, tiny_tokens):
