@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 DEMO_CHAT = [{"role": "user", "content": "In one sentence, what does a microscope let you do?"}]
+DEMO_PLAIN = "The Eiffel Tower is located in"
 DEMO_TEXT = "The Eiffel Tower is in Paris, and the Colosseum is in Rome."
 DEMO_SITES = ("resid_post.5", "model.layers.9.pre_feedforward_layernorm.output", "attn_z.12")
 COMING = """\
@@ -35,13 +36,19 @@ def _demo(args: argparse.Namespace) -> int:
         f"vocab {cfg.vocab_size} in {time.perf_counter() - t0:.1f}s"
     )
 
-    prompt = tok.chat(DEMO_CHAT)
-    print("\n== Chat-formatted completion (greedy) ==")
-    print(tok.decode(prompt), end="")
+    chat, plain = tok.chat(DEMO_CHAT), tok.encode(DEMO_PLAIN)
     t0 = time.perf_counter()
-    new = generate(model, [prompt], max_new_tokens=args.max_new_tokens)[0]
-    print(tok.decode(new, skip_special_tokens=True).strip())
-    print(f"[{len(new)} tokens in {time.perf_counter() - t0:.1f}s]")
+    chat_new, plain_new = generate(model, [chat, plain], max_new_tokens=args.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    print("\n== Chat-formatted completion (greedy) ==")
+    if args.model is None:
+        print("(the embedded 270M is the pretrained model, 4-bit quantized: chat turns are out of")
+        print(" its distribution; pass --model with an -it checkpoint for real chat answers)")
+    print(tok.decode(chat), end="")
+    print(tok.decode(chat_new, skip_special_tokens=True).strip())
+    print("\n== Plain completion (greedy) ==")
+    print(DEMO_PLAIN + tok.decode(plain_new, skip_special_tokens=True))
+    print(f"[{len(chat_new) + len(plain_new)} tokens in {seconds:.1f}s]")
 
     ids = tok.encode(DEMO_TEXT)
     pieces = [tok.decode([i]) for i in ids]

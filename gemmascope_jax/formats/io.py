@@ -1,0 +1,115 @@
+"""Shared reading and writing rules for every dictionary format.
+
+- `atomic_output_dir(out, force)`: write into a temporary sibling folder and rename it into
+  place at the end; a failure leaves nothing behind, an existing output is refused unless
+  `force`.
+- `TensorReader`: read tensors from one safetensors file, checking name, shape, dtype and
+  finiteness, and naming the file and tensor in every error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gemmascope_jax.safetensors_io import SafetensorsFile
+
+
+class FormatError(ValueError):
+    """A dictionary file that is malformed or disagrees with its config; names file and tensor."""
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `out`; on success it replaces `out`."""
+    out = Path(out)
+    if out.exists() and not force and (out.is_file() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists (use force=True / --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: file not found")
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def write_json(path: str | os.PathLike, value: dict) -> None:
+    Path(path).write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+class TensorReader:
+    """Checked access to the tensors of one safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.file = SafetensorsFile(self.path)
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: file not found") from None
+        except ValueError as e:
+            raise FormatError(str(e)) from None
+
+    def keys(self) -> list[str]:
+        return self.file.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file
+
+    def require(self, names: Sequence[str], optional: Sequence[str] = ()) -> None:
+        """Every name in `names` present, nothing beyond `names` + `optional`."""
+        present = set(self.file.keys())
+        if missing := [n for n in names if n not in present]:
+            raise FormatError(f"{self.path}: missing tensor(s) {missing}; found {sorted(present)}")
+        if extra := sorted(present - set(names) - set(optional)):
+            raise FormatError(f"{self.path}: unexpected tensor(s) {extra}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.file.shape(name)
+
+    def read(
+        self,
+        name: str,
+        shape: Sequence[int | None] | None = None,
+        dtype: np.dtype | type | None = np.float32,
+    ) -> np.ndarray:
+        """The tensor as an array (converted to `dtype` unless None); `shape` may hold None for
+        a free dimension. Raises FormatError for a missing tensor, wrong shape (a transposed
+        matrix included) or NaN/inf values."""
+        if name not in self.file:
+            raise FormatError(f"{self.path}: missing tensor {name!r}; found {self.file.keys()}")
+        got = self.file.shape(name)
+        if shape is not None and (
+            len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got))
+        ):
+            want = tuple("?" if s is None else s for s in shape)
+            hint = " (transposed?)" if tuple(reversed(got)) == tuple(shape) else ""
+            raise FormatError(f"{self.path}: tensor {name!r} has shape {got}, expected {want}{hint}")
+        value = np.asarray(self.file.tensor(name))
+        if value.dtype.kind == "f" or str(value.dtype) == "bfloat16":
+            if not np.isfinite(value.astype(np.float32)).all():
+                raise FormatError(f"{self.path}: tensor {name!r} contains NaN or inf")
+        return value.astype(dtype) if dtype is not None else np.array(value)
