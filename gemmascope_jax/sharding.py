@@ -29,6 +29,7 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     "norm": None,
     # dictionary weights
     "latents": "model",
+    "layers": None,
 }
 
 
