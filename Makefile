@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # pip prints a warning per package for index folders it cannot read; keep real errors.
 QUIET_PIP := { grep -v "is ignored" || true; }
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean interop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,16 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	$(BIN)/gemmascope-jax demo
 
-test: $(VENV)/.installed-test
+# Peer libraries whose pins clash with ours (circuit-tracer 0.5.0 pins transformers 4.57.3)
+# live in their own venv; tests run scripts/interop/*.py with it.
+INTEROP := .venv-interop
+interop: $(INTEROP)/.installed
+$(INTEROP)/.installed: scripts/interop/requirements.txt
+	$(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/interop/requirements.txt 2>&1 | $(QUIET_PIP)
+	touch $@
+
+test: $(VENV)/.installed-test interop
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=15

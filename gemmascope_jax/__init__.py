@@ -7,6 +7,9 @@ out.logits, out.sites["resid_post.9"]
 model(tokens, interventions={"resid_post.9": fn})
 """
 
+from gemmascope_jax.dictionaries import DictionaryConfig, make_dictionary
+from gemmascope_jax.dictionaries.sets import TranscoderSet
+from gemmascope_jax.formats import detect_format, load_dictionary, save_dictionary
 from gemmascope_jax.gemma3.config import Gemma3Config, preset
 from gemmascope_jax.gemma3.loading import load_gemma3, save_gemma3
 from gemmascope_jax.gemma3.model import Gemma3, Gemma3Output
@@ -16,6 +19,12 @@ from gemmascope_jax.sharding import make_mesh
 __version__ = "0.1.0"
 
 __all__ = [
+    "DictionaryConfig",
+    "TranscoderSet",
+    "detect_format",
+    "load_dictionary",
+    "make_dictionary",
+    "save_dictionary",
     "Gemma3",
     "Gemma3Config",
     "Gemma3Output",

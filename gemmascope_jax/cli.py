@@ -1,5 +1,5 @@
-"""`gemmascope-jax` command line: `demo` and `sites` (training, conversion and analysis verbs
-arrive with their issues)."""
+"""`gemmascope-jax` command line: `demo`, `convert`, `sites` (training and analysis verbs arrive
+with their issues)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--top", type=int, default=4, help="activations shown per site")
     demo.add_argument("--out", default="out/demo", help="folder for the plot")
     demo.set_defaults(func=_demo)
+    from gemmascope_jax.formats.convert import add_convert_parser
+
+    add_convert_parser(sub)
     sites = sub.add_parser("sites", help="list accepted activation-site names")
     sites.add_argument("--preset", default="270m")
     sites.set_defaults(func=_sites)

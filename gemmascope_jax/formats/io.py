@@ -103,13 +103,16 @@ class TensorReader:
             raise FormatError(f"{self.path}: missing tensor {name!r}; found {self.file.keys()}")
         got = self.file.shape(name)
         if shape is not None and (
-            len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got))
+            len(got) != len(shape)
+            or any(s is not None and s != g for s, g in zip(shape, got, strict=True))
         ):
             want = tuple("?" if s is None else s for s in shape)
             hint = " (transposed?)" if tuple(reversed(got)) == tuple(shape) else ""
-            raise FormatError(f"{self.path}: tensor {name!r} has shape {got}, expected {want}{hint}")
+            raise FormatError(
+                f"{self.path}: tensor {name!r} has shape {got}, expected {want}{hint}"
+            )
         value = np.asarray(self.file.tensor(name))
-        if value.dtype.kind == "f" or str(value.dtype) == "bfloat16":
-            if not np.isfinite(value.astype(np.float32)).all():
-                raise FormatError(f"{self.path}: tensor {name!r} contains NaN or inf")
+        floating = value.dtype.kind == "f" or str(value.dtype) == "bfloat16"
+        if floating and not np.isfinite(value.astype(np.float32)).all():
+            raise FormatError(f"{self.path}: tensor {name!r} contains NaN or inf")
         return value.astype(dtype) if dtype is not None else np.array(value)
