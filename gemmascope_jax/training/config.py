@@ -1,63 +1,49 @@
-"""Run configuration: frozen dataclasses loaded from YAML, overridden by `key=value`.
+"""Run configuration: a training run's schema as frozen dataclasses, loaded from YAML,
+overridden by `key=value` and checked for meaning before any work.
 
     cfg = load_config("configs/demo.yaml", ["train.steps=100", "dictionaries.0.width=8192"],
                       device_count=jax.device_count())
     cfg.dictionaries[0].matryoshka_widths, cfg.checkpoint_dir, print(cfg.describe())
 
-A file may name `extends: base.yaml` (or a list; paths relative to the file); the bases are
-merged first, mappings key by key, lists replaced whole. Overrides are dotted keys into the
-merged mapping (list items by index, `dictionaries.0.width`), values parsed as YAML scalars
-(`7e-5` is a float, `[5, 9]` a list, `null` None). Structure (unknown keys, with the closest
-known key suggested; types) and meaning (sites against the model depth, L0 < width, mesh vs
-device count, width divisible by the `model` axis, ...) are checked before any work; every
-problem is reported at once in a `ConfigError` naming its dotted key.
-
-Sections (defaults in the dataclasses below): `run`, `model`, `data`, `dictionaries`,
-`train`, `mesh`, `checkpoint`, `eval`, `export`, `report`. Relative directories in
-`checkpoint`, `export`, `report` and `data.cache_dir` are under `run.dir`.
+Sections (defaults below): `run`, `model`, `data`, `dictionaries` (plus an optional top-level
+`dictionary_defaults` merged into each), `train`, `mesh`, `checkpoint`, `eval`, `export`,
+`report`; relative directories in `checkpoint`, `export`, `report`, `data.cache_dir` are under
+`run.dir`. Meaning is checked here (sites against the model depth, L0 < width, mesh vs device
+count, width divisible by the `model` axis, ...), every problem at once in a `ConfigError`
+naming its dotted key. The generic machinery (`extends`, YAML 1.2 floats, overrides, typed
+building with unknown-key suggestions) is `training.yaml_schema`, so this module is the run's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fractions
 import json
 import re
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from gemmascope_jax.dictionaries.activations import ACTIVATIONS, canonical_architecture
 from gemmascope_jax.dictionaries.config import KIND_NAMES, DictionaryConfig
 from gemmascope_jax.formats import canonical_format
 from gemmascope_jax.gemma3.config import Gemma3Config, preset
 from gemmascope_jax.gemma3.sites import resolve_site
+from gemmascope_jax.training.yaml_schema import (  # ConfigError and the loaders are re-exported
+    ConfigError,
+    apply_overrides,
+    build_checked,
+    dump_yaml,
+    merge_defaults,
+    parse_value,  # noqa: F401
+    read_yaml,
+    write_yaml,
+)
+from gemmascope_jax.training.yaml_schema import field as _f
 
 DEFAULT_MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)  # groups; the rest is the last
 SOURCE_TYPES = ("txt", "jsonl", "parquet", "datasets", "embedded")
 _DEPTH_UNKNOWN = 1 << 30
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; `problems` is a list of (dotted key, message)."""
-
-    def __init__(self, problems: Sequence[tuple[str, str]]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  {key}: {msg}" for key, msg in self.problems)
-        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
-
-
-def _f(default=dataclasses.MISSING, *, min=None, max=None, parse=None, factory=None):
-    """A dataclass field with bounds / a custom parser, checked by `_build`."""
-    meta = {"min": min, "max": max, "parse": parse}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 def _parse_matryoshka(value, key):
@@ -273,27 +259,19 @@ class RunConfig:
     def from_dict(cls, raw: dict, *, device_count: int | None = None) -> RunConfig:
         """Build and validate (see `validate`); ConfigError lists every problem."""
         problems: list[tuple[str, str]] = []
-        raw = _apply_dictionary_defaults(raw, problems) if isinstance(raw, dict) else raw
-        cfg = _build(cls, raw, "", problems)
-        if problems:
-            raise ConfigError(problems)
-        return cfg.validate(device_count=device_count)
+        raw = merge_defaults(raw, "dictionary_defaults", "dictionaries", DictionarySpec, problems)
+        return build_checked(cls, raw, problems).validate(device_count=device_count)
 
     def to_dict(self) -> dict:
         """Plain JSON/YAML-safe dict; `RunConfig.from_dict(cfg.to_dict()) == cfg`."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return dump_yaml(self.to_dict())
 
     def save(self, path) -> Path:
         """Write the resolved config as YAML (e.g. into the run dir)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"# resolved config of run {self.run.name!r}\n{self.to_yaml()}")
-        tmp.replace(path)
-        return path
+        return write_yaml(path, self.to_dict(), f"resolved config of run {self.run.name!r}")
 
     def path(self, p: str | None) -> Path | None:
         """`p` under `run.dir` when relative."""
@@ -344,233 +322,11 @@ class RunConfig:
         return "\n".join(lines)
 
 
-# ---- YAML loading, extends, overrides ------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats (`7e-5` is a float, not a string)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    c: [r for r in rs if r[0] != "tag:yaml.org,2002:float"]
-    for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
-        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_value(text: str):
-    """A command-line value as a YAML scalar/flow value (`1e-4`, `[5, 9]`, `null`, `true`)."""
-    return yaml.load(text, Loader=_Loader)
-
-
-def read_yaml(path, _seen: tuple = ()) -> dict:
-    """A YAML mapping with its `extends` bases merged in (bases first, this file last)."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise ConfigError([("extends", f"cycle: {' -> '.join(map(str, (*_seen, path)))}")])
-    if not path.is_file():
-        raise ConfigError([("extends" if _seen else "config", f"no such file {path}")])
-    raw = yaml.load(path.read_text(), Loader=_Loader) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError([("config", f"{path}: top level must be a mapping")])
-    bases = raw.pop("extends", None) or []
-    merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = _merge(merged, read_yaml(path.parent / base, (*_seen, path)))
-    return _merge(merged, raw)
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
-    """`raw` with each `dotted.key=value` set (a copy; list items by index)."""
-    raw = json.loads(json.dumps(raw))
-    problems = []
-    for item in overrides:
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            problems.append((item, "overrides are key=value (e.g. train.steps=100)"))
-            continue
-        node, parts = raw, key.split(".")
-        try:
-            for i, part in enumerate(parts):
-                last = i == len(parts) - 1
-                value = parse_value(text) if last else {}
-                if isinstance(node, list):
-                    idx = int(part) if re.fullmatch(r"-?\d+", part) else None
-                    if idx is None or not -len(node) <= idx < len(node):
-                        raise KeyError(f"no item {part!r} (the list has {len(node)})")
-                    node[idx] = value if last else node[idx]
-                    node = node[idx]
-                elif isinstance(node, dict):
-                    if last or not isinstance(node.get(part), dict | list):
-                        if not last and node.get(part) is not None:
-                            raise KeyError(f"{'.'.join(parts[: i + 1])} is not a mapping")
-                        node[part] = value
-                    node = node[part]
-                else:
-                    raise KeyError(f"{'.'.join(parts[:i])} is a value, not a mapping")
-        except KeyError as e:
-            problems.append((key, e.args[0]))
-        except yaml.YAMLError as e:
-            problems.append((key, f"cannot parse value {text!r}: {e}"))
-    if problems:
-        raise ConfigError(problems)
-    return raw
-
-
 def load_config(path, overrides: Sequence[str] = (), *, device_count: int | None = None):
     """Read `path` (+ its `extends`), apply overrides, build and validate a `RunConfig`."""
     return RunConfig.from_dict(
         apply_overrides(read_yaml(path), overrides), device_count=device_count
     )
-
-
-# ---- structure: types and unknown keys -----------------------------------------------------
-
-
-def _apply_dictionary_defaults(raw: dict, problems: list) -> dict:
-    """Merge the optional top-level `dictionary_defaults` mapping into every dictionary."""
-    raw = dict(raw)
-    defaults = raw.pop("dictionary_defaults", None) or {}
-    known = [f.name for f in dataclasses.fields(DictionarySpec)]
-    if not isinstance(defaults, dict):
-        problems.append(("dictionary_defaults", f"expected a mapping, got {_show(defaults)}"))
-        return raw
-    for k in [k for k in defaults if k not in known]:
-        close = difflib.get_close_matches(str(k), known, n=1, cutoff=0.6)
-        hint = f" (did you mean 'dictionary_defaults.{close[0]}'?)" if close else ""
-        problems.append(
-            (f"dictionary_defaults.{k}", f"unknown key{hint}; known: {', '.join(known)}")
-        )
-    defaults = {k: v for k, v in defaults.items() if k in known}
-    items = raw.get("dictionaries")
-    if defaults and isinstance(items, list):
-        raw["dictionaries"] = [{**defaults, **d} if isinstance(d, dict) else d for d in items]
-    return raw
-
-
-def _build(cls, raw, key: str, problems: list):
-    if not isinstance(raw, dict):
-        problems.append((key or "config", f"expected a mapping, got {_show(raw)}"))
-        return cls() if _has_defaults(cls) else None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in raw.items():
-        sub = f"{key}.{name}" if key else str(name)
-        if name not in fields:
-            close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
-            hint = f" (did you mean {_join(key, close[0])!r}?)" if close else ""
-            problems.append((sub, f"unknown key{hint}; known: {', '.join(fields)}"))
-            continue
-        meta = fields[name].metadata
-        try:
-            value = meta["parse"](value, sub) if meta.get("parse") else value
-            kwargs[name] = _coerce(hints[name], value, sub, problems)
-        except TypeError as e:
-            problems.append((sub, str(e)))
-            continue
-        lo, hi, v = meta.get("min"), meta.get("max"), kwargs[name]
-        num = isinstance(v, int | float) and not isinstance(v, bool)
-        if num and ((lo is not None and v < lo) or (hi is not None and v > hi)):
-            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            problems.append((sub, f"must be {bound}, got {v}"))
-    missing = [n for n, f in fields.items() if n not in kwargs and not _has_default(f)]
-    for name in missing:
-        problems.append((_join(key, name), "required"))
-    if missing:
-        return None
-    return cls(**kwargs)
-
-
-def _coerce(tp, value, key, problems):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arm in args:
-            if arm is type(None):
-                continue
-            sub: list = []
-            try:
-                out = _coerce(arm, value, key, sub)
-            except TypeError:
-                continue
-            if not sub:
-                return out
-            if dataclasses.is_dataclass(arm) and isinstance(value, dict):
-                problems.extend(sub)
-                return None
-        raise TypeError(f"expected {_type_name(tp)}, got {_show(value)}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise TypeError(f"expected one of {', '.join(map(repr, args))}, got {_show(value)}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, problems)
-    if origin is tuple:
-        items = list(value) if isinstance(value, list | tuple) else [value]
-        arms = args[:1] * len(items) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(arms) != len(items):
-            raise TypeError(f"expected {len(arms)} items, got {_show(value)}")
-        pairs = enumerate(zip(arms, items, strict=True))
-        return tuple(_coerce(a, v, f"{key}.{i}", problems) for i, (a, v) in pairs)
-    if tp is bool and isinstance(value, bool):
-        return value
-    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if tp is int and integral and not isinstance(value, bool):
-        return int(value)
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is str and isinstance(value, str):
-        return value
-    raise TypeError(f"expected {_type_name(tp)}, got {_show(value)}")
-
-
-def _type_name(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, args))
-    if origin is tuple:
-        return f"a list of {_type_name(args[0])}"
-    return "a mapping" if dataclasses.is_dataclass(tp) else getattr(tp, "__name__", str(tp))
-
-
-def _show(value) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
-
-
-def _has_default(f) -> bool:
-    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-
-
-def _has_defaults(cls) -> bool:
-    return all(_has_default(f) for f in dataclasses.fields(cls))
-
-
-# ---- meaning ---------------------------------------------------------------------------------
 
 
 def model_architecture(model: ModelConfig) -> Gemma3Config | None:
