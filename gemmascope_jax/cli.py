@@ -1,4 +1,4 @@
-"""`gemmascope-jax` command line: `demo`, `convert`, `sites` (training and analysis verbs arrive
+"""`gemmascope-jax` command line: `demo`, `train`, `convert`, `sites` (analysis verbs arrive
 with their issues)."""
 
 from __future__ import annotations
@@ -94,6 +94,31 @@ def _plot_residual_norms(model, ids, pieces, out_dir: Path) -> None:
     print(f"\nSaved {path}")
 
 
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from gemmascope_jax.training.config import ConfigError, load_config
+    from gemmascope_jax.training.trainer import run_training, summary_json
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"gemmascope-jax train: {e}", file=sys.stderr)
+        return 2
+    print(cfg.describe())
+    result = run_training(cfg)
+    if result.stopped_early:
+        print(f"stopped at step {result.steps} (checkpoint saved); rerun to resume")
+        return 0
+    print(summary_json(result))
+    print(f"report: {result.report_dir}")
+    for name, paths in result.exports.items():
+        for fmt, path in paths.items():
+            print(f"export {name} [{fmt}]: {path}")
+    return 0
+
+
 def _sites(args: argparse.Namespace) -> int:
     from gemmascope_jax.gemma3.config import preset
     from gemmascope_jax.gemma3.sites import valid_forms
@@ -111,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--top", type=int, default=4, help="activations shown per site")
     demo.add_argument("--out", default="out/demo", help="folder for the plot")
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train dictionaries from a YAML config")
+    train.add_argument("config", help="YAML run config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    train.set_defaults(func=_train)
     from gemmascope_jax.formats.convert import add_convert_parser
 
     add_convert_parser(sub)

@@ -159,6 +159,17 @@ def _check_layer(site: Site, name: str, num_layers: int) -> Site:
     return Site(site.kind, layer)
 
 
+def site_width(site: Site, cfg) -> int:
+    """Last-axis size of a per-layer site for a `Gemma3Config` (attn_pattern has none)."""
+    if site.kind == "attn_z":
+        return cfg.num_heads * cfg.head_dim
+    if site.kind == "mlp_hidden":
+        return cfg.intermediate_size
+    if site.kind in ("attn_pattern", "logits"):
+        raise ValueError(f"site {site.name} is not a vector per token")
+    return cfg.hidden_size
+
+
 def hf_hook_point(site: Site) -> str:
     """The Gemma Scope 2 / transformers hook string for a site (`.input`/`.output` suffix)."""
     canonical = {

@@ -1,0 +1,368 @@
+"""The main job: `gemmascope-jax train CONFIG [key=value ...]` end to end.
+
+    text -> packed tokens (BOS first, this host's shard) -> jitted Gemma 3 forward returning
+    only the needed sites -> BOS/pad dropped -> shuffle buffer (or the on-disk activation
+    cache, written once and read for `data.epochs` epochs) -> per-site normalisation scalar
+    -> sharded train step of every dictionary -> metrics (JSONL, TensorBoard, tqdm), orbax
+    checkpoints (state + data-iterator position + scalars) every N steps and on SIGTERM ->
+    held-out evals (FVU, L0, dead/dense, delta LM loss, KL) -> scales folded into the weights
+    -> exports (native, Gemma Scope 2, SAELens, circuit-tracer) -> report folder.
+
+A rerun of the same config resumes from the latest checkpoint and, because every random
+choice is a function of (seed, step) and the data position is restored exactly, reaches the
+same final parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from gemmascope_jax.data.activations import ActivationStream, estimate_norm_scalars, normalize
+from gemmascope_jax.data.cache import ActivationCacheReader, read_manifest, write_activation_cache
+from gemmascope_jax.data.corpus import embedded_corpus
+from gemmascope_jax.data.packing import PackedTokens
+from gemmascope_jax.data.sources import ConcatSource, open_source, split_documents
+from gemmascope_jax.evals.metrics import evaluate
+from gemmascope_jax.evals.splice import splice_eval
+from gemmascope_jax.formats import save_dictionary
+from gemmascope_jax.gemma3.loading import load_gemma3
+from gemmascope_jax.gemma3.sites import resolve_site, site_width
+from gemmascope_jax.sharding import make_mesh
+from gemmascope_jax.training.checkpoint import Checkpointer
+from gemmascope_jax.training.config import RunConfig
+from gemmascope_jax.training.losses import LossConfig
+from gemmascope_jax.training.optimizer import OptimizerConfig
+from gemmascope_jax.training.report import RunLogger, write_report
+from gemmascope_jax.training.step import DictionaryTraining, make_train_step
+
+log = logging.getLogger(__name__)
+HELDOUT_FRACTION = 0.1
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run produced: per-dictionary eval metrics and output locations."""
+
+    steps: int
+    evals: dict[str, dict[str, Any]]
+    exports: dict[str, dict[str, str]]
+    report_dir: Path
+    stopped_early: bool = False
+
+
+def run_training(cfg: RunConfig) -> RunResult:
+    """Run (or resume) the training job described by a validated `RunConfig`."""
+    _init_distributed(cfg)
+    cfg = cfg.validate(device_count=jax.device_count())
+    mesh = make_mesh(*cfg.mesh.shape(jax.device_count()))
+    lead = jax.process_index() == 0
+    run_dir = Path(cfg.run.dir or f"runs/{cfg.run.name}")
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+
+    source = None if cfg.model.source == "embedded" else cfg.model.source
+    model, tok = load_gemma3(source, dtype=cfg.model.dtype, progress=lead)
+    step = make_train_step(_trainings(cfg, model), mesh)
+    sites = step.sites
+    train_docs, heldout_docs = split_documents(
+        _documents(cfg), holdout=HELDOUT_FRACTION, seed=cfg.data.seed
+    )
+    per_process_tokens = cfg.train.batch_tokens // jax.process_count()
+
+    ckpt = Checkpointer.from_config(cfg)
+    restored = ckpt.restore(step.abstract_state()) if cfg.checkpoint.resume else None
+    batches = _activation_batches(cfg, model, tok, sites, train_docs, per_process_tokens)
+    if restored is not None:
+        state, start = restored.state, int(restored.step)
+        scalars = restored.extras["norm_scalars"]
+        batches.set_state(restored.extras["data"])
+        log.info("resumed from step %d", start)
+    else:
+        scalars = _norm_scalars(cfg, model, tok, sites, train_docs, per_process_tokens)
+        state, start = step.init(seed=cfg.train.seed), 0
+
+    logger = RunLogger(cfg.report_dir, tensorboard=cfg.report.tensorboard and lead, enabled=lead)
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=start,
+        unit="step",
+        disable=not (cfg.report.progress and lead),
+        desc="train",
+    )
+    stopped = False
+    t0, tokens_done = time.perf_counter(), 0
+    for i in range(start, cfg.train.steps):
+        batch = normalize(next(batches), scalars)
+        state, metrics = step(state, _global_batch(step, batch))
+        tokens_done += cfg.train.batch_tokens
+        done = i + 1
+        if done % cfg.report.log_every == 0 or done == cfg.train.steps:
+            rate = tokens_done / (time.perf_counter() - t0)
+            logger.log_train(done, jax.device_get(metrics), tokens_per_s=rate)
+            bar.set_postfix(_postfix(metrics, rate))
+        bar.update(1)
+        stop = ckpt.stop_requested(done)
+        if ckpt.should_save(done) or stop or done == cfg.train.steps:
+            extras = {"data": batches.get_state(), "norm_scalars": scalars}
+            ckpt.save(done, state, extras=extras)
+        if stop and done < cfg.train.steps:
+            stopped = True
+            break
+    bar.close()
+    ckpt.wait()
+    final_step = int(jax.device_get(state.step))
+    if stopped:
+        ckpt.close()
+        logger.close()
+        return RunResult(final_step, {}, {}, cfg.report_dir, stopped_early=True)
+
+    dictionaries = _folded(step, state, scalars, cfg, model, tok, sites, heldout_docs)
+    evals = _evaluate(cfg, model, tok, sites, heldout_docs, dictionaries)
+    exports = _export(cfg, dictionaries) if lead else {}
+    if lead:
+        write_report(cfg.report_dir, logger.history, evals, exports, dictionaries)
+    logger.close()
+    ckpt.close()
+    return RunResult(final_step, evals, exports, cfg.report_dir)
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+
+def _init_distributed(cfg: RunConfig) -> None:
+    kwargs = cfg.mesh.distributed_kwargs()
+    if kwargs is None or jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(**kwargs)
+
+
+def _trainings(cfg: RunConfig, model) -> list[DictionaryTraining]:
+    t, arch, out = cfg.train, model.cfg, []
+    for spec in cfg.dictionaries:
+        sites_in = spec.input_sites or ()
+        sites_out = spec.output_sites or sites_in
+        d_in = site_width(resolve_site(sites_in[0], arch.num_layers), arch)
+        d_out = site_width(resolve_site(sites_out[0], arch.num_layers), arch)
+        dcfg = spec.dictionary_config(
+            d_in, d_out, model_name=arch.name, model_num_layers=arch.num_layers
+        )
+        loss = LossConfig(
+            bandwidth=t.bandwidth,
+            sparsity_coeff=spec.sparsity_coeff
+            if spec.sparsity_coeff is not None
+            else (t.sparsity_coeff),
+            sparsity_warmup_steps=t.sparsity_warmup_steps,
+            l0_target_init=spec.l0_target_init,
+            l0_target_decay_steps=t.l0_target_decay_steps,
+            l0_penalty=t.l0_penalty,
+            freq_penalty_coeff=t.freq_penalty_coeff,
+            freq_penalty_max=t.freq_penalty_max,
+            aux_k=t.aux_k,
+            aux_coeff=t.aux_coeff,
+            dead_steps=t.dead_steps,
+        )
+        optimizer = OptimizerConfig(
+            lr=t.lr,
+            warmup_steps=t.lr_warmup_steps,
+            warmup_init_fraction=t.lr_warmup_from,
+            total_steps=t.steps,
+            final_lr_fraction=t.lr_final_fraction if t.lr_schedule == "cosine" else 1.0,
+            b1=t.adam_betas[0],
+            b2=t.adam_betas[1],
+            eps=t.adam_eps,
+            grad_clip_norm=t.grad_clip_norm,
+        )
+        out.append(DictionaryTraining(dcfg, loss, optimizer, name=spec.name))
+    return out
+
+
+def _documents(cfg: RunConfig):
+    parts = []
+    for src in cfg.data.sources:
+        if src.type == "embedded":
+            parts.append(embedded_corpus())
+        else:
+            parts.append(open_source(src.path, field=src.text_field))
+    return parts[0] if len(parts) == 1 else ConcatSource(parts)
+
+
+def _tokens(cfg: RunConfig, tok, docs, *, epochs: int | None, seed_offset: int = 0):
+    return PackedTokens(
+        docs,
+        tok,
+        seq_len=cfg.data.seq_len,
+        batch_size=max(1, cfg.data.batch_size // jax.process_count()),
+        seed=cfg.data.seed + seed_offset,
+        num_epochs=epochs,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+
+
+def _stream(cfg, model, tok, sites, docs, batch_tokens, *, epochs, seed_offset=0):
+    tokens = _tokens(cfg, tok, docs, epochs=epochs, seed_offset=seed_offset)
+    return ActivationStream(
+        model,
+        sites,
+        tokens,
+        batch_tokens=batch_tokens,
+        buffer_tokens=max(cfg.data.shuffle_buffer_tokens // jax.process_count(), batch_tokens),
+        seed=cfg.data.seed + seed_offset,
+    )
+
+
+def _activation_batches(cfg, model, tok, sites, docs, batch_tokens) -> Iterator:
+    """The training batches: the activation cache (built on first use) or a live stream."""
+    if cfg.cache_dir is None:
+        return _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None)
+    cache = cfg.cache_dir / f"process_{jax.process_index()}"
+    needed = math.ceil(cfg.train.steps * batch_tokens / cfg.data.epochs)
+    if not _cache_ok(cache, sites, needed):
+        log.info("writing the activation cache (%d tokens) to %s", needed, cache)
+        stream = _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None)
+        write_activation_cache(
+            cache,
+            _progress(stream, needed // batch_tokens + 1, "activation cache"),
+            model=model.cfg.name,
+            seq_len=cfg.data.seq_len,
+            max_tokens=needed,
+            overwrite=True,
+        )
+    return ActivationCacheReader(
+        cache, batch_tokens, seed=cfg.data.seed, num_epochs=None, sites=sites
+    )
+
+
+def _cache_ok(path: Path, sites, needed: int) -> bool:
+    try:
+        manifest = read_manifest(path)
+    except (ValueError, OSError):
+        return False
+    return set(sites) <= set(manifest["sites"]) and manifest["n_tokens"] >= needed
+
+
+def _progress(it, total: int, desc: str):
+    yield from tqdm(it, total=total, desc=desc, unit="batch", leave=False)
+
+
+def _norm_scalars(cfg, model, tok, sites, docs, batch_tokens) -> dict[str, float]:
+    """Per-site scale s with E||x/s||^2 = d, from the first `data.norm_tokens` tokens."""
+    stream = _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None, seed_offset=1)
+    n_batches = max(1, cfg.data.norm_tokens // batch_tokens)
+    return {s: float(v) for s, v in estimate_norm_scalars(stream, n_batches).items()}
+
+
+def _global_batch(step, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    if jax.process_count() == 1:
+        return step.put_batch(batch)
+    shardings = step.batch_shardings(
+        {
+            s: jax.ShapeDtypeStruct((a.shape[0] * jax.process_count(), *a.shape[1:]), a.dtype)
+            for s, a in batch.items()
+        }
+    )
+    return {s: jax.make_array_from_process_local_data(shardings[s], a) for s, a in batch.items()}
+
+
+def _postfix(metrics, rate: float) -> dict[str, str]:
+    out = {"tok/s": f"{rate:,.0f}"}
+    for name, m in metrics.items():
+        out[name[:12]] = f"L0 {float(m['l0']):.0f} mse {float(m['mse']):.3g}"
+    return out
+
+
+# ---- after training ---------------------------------------------------------------------------
+
+
+def _scales(d_cfg, scalars):
+    s_in = np.asarray([scalars[s] for s in d_cfg.input_sites], np.float32)
+    s_out = np.asarray([scalars[s] for s in d_cfg.output_sites], np.float32)
+    if not d_cfg.multilayer:
+        return float(s_in[0]), float(s_out[0])
+    return s_in, s_out
+
+
+def _heldout_tokens(cfg, tok, docs) -> list[np.ndarray]:
+    n_batches = max(1, cfg.eval.heldout_tokens // (cfg.data.seq_len * cfg.data.batch_size))
+    tokens = _tokens(cfg, tok, docs, epochs=None, seed_offset=2)
+    return [next(tokens) for _ in range(n_batches)]
+
+
+def _folded(step, state, scalars, cfg, model, tok, sites, heldout_docs):
+    """Trained dictionaries with normalisation folded in (raw activations in and out);
+    BatchTopK converted to JumpReLU thresholds calibrated on held-out activations."""
+    out = {}
+    for name, d in zip(step.names, step.dictionaries(state), strict=True):
+        if d.cfg.architecture == "batchtopk":
+            stream = _stream(cfg, model, tok, sites, heldout_docs, 4096, epochs=None, seed_offset=3)
+            calib = normalize(next(stream), scalars)
+            x = _stack(d.cfg, calib, d.cfg.input_sites)
+            d = d.to_jumprelu(x)
+        s_in, s_out = _scales(d.cfg, scalars)
+        out[name] = d.fold_input_scale(s_in, s_out).fold_pre_encoder_bias()
+    return out
+
+
+def _stack(d_cfg, batch, sites):
+    if d_cfg.multilayer:
+        return np.stack([batch[s] for s in sites], axis=-2)
+    return batch[sites[0]]
+
+
+def _evaluate(cfg, model, tok, sites, heldout_docs, dictionaries) -> dict[str, dict[str, Any]]:
+    """FVU/L0/dead/dense on held-out activations (raw units) and, if enabled, delta LM loss
+    and KL with each dictionary spliced in."""
+    if cfg.eval.heldout_tokens == 0:
+        return {}
+    tokens = _heldout_tokens(cfg, tok, heldout_docs)
+    forward = model.jitted(capture=sites, logits=False)
+    acts = [forward(t).sites for t in tokens]
+    evals = {}
+    for name, d in dictionaries.items():
+        keep = [t[:, 1:] for t in tokens]  # BOS is neither trained nor evaluated on
+
+        def pairs(d=d, keep=keep):
+            for a, k in zip(acts, keep, strict=True):
+                valid = np.asarray(k != 0).reshape(-1)
+                x = _stack(d.cfg, {s: np.asarray(a[s][:, 1:]) for s in sites}, d.cfg.input_sites)
+                y = _stack(d.cfg, {s: np.asarray(a[s][:, 1:]) for s in sites}, d.cfg.output_sites)
+                x, y = x.reshape(-1, *x.shape[2:])[valid], y.reshape(-1, *y.shape[2:])[valid]
+                yield x, y
+
+        result = evaluate(d, pairs())
+        if cfg.eval.splice:
+            result.update(splice_eval(model, d, tokens))
+        evals[name] = result
+    return evals
+
+
+def _export(cfg, dictionaries) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for name, d in dictionaries.items():
+        out[name] = {}
+        for fmt in cfg.export.formats:
+            if fmt == "circuit-tracer" and d.cfg.kind not in ("clt",):
+                continue  # transcoder sets are exported per layer set, not per dictionary
+            path = cfg.export_dir / name / fmt
+            save_dictionary(d, path, format=fmt, force=True)
+            out[name][fmt] = str(path)
+    return out
+
+
+def summary_json(result: RunResult) -> str:
+    """Compact JSON of the headline numbers (FVU, L0, delta loss) per dictionary."""
+    keys = ("fvu", "l0", "dead_fraction", "delta_loss", "kl")
+    head = {n: {k: e[k] for k in keys if k in e} for n, e in result.evals.items()}
+    return json.dumps({"steps": result.steps, "evals": head}, indent=2)
