@@ -20,8 +20,10 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e ".[$*]" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import gemmascope_jax" && touch $@
 
+# The model tour (~1 min), then the main job: train two dictionaries on the embedded 270M.
 demo: $(VENV)/.installed-demo
-	$(BIN)/gemmascope-jax demo
+	$(BIN)/gemmascope-jax demo --max-new-tokens 24
+	$(BIN)/gemmascope-jax train configs/demo.yaml
 
 # Peer libraries whose pins clash with ours (circuit-tracer 0.5.0 pins transformers 4.57.3)
 # live in their own venv; tests run scripts/interop/*.py with it.

@@ -13,12 +13,10 @@ DEMO_PLAIN = "The Eiffel Tower is located in"
 DEMO_TEXT = "The Eiffel Tower is in Paris, and the Colosseum is in Rome."
 DEMO_SITES = ("resid_post.5", "model.layers.9.pre_feedforward_layernorm.output", "attn_z.12")
 COMING = """\
-Coming next (open issues):
-  * every Gemma Scope 2 dictionary (JumpReLU SAE, transcoder, skip-transcoder, CLT, crosscoder)
-    with converters to/from Gemma Scope 2, SAELens and circuit-tracer files;
-  * `gemmascope-jax train CONFIG`: sharded, resumable Matryoshka training on these activations
-    (this demo will then train a small dictionary on the embedded corpus);
-  * Pallas sparse kernels, steering / refusal / jailbreak analysis, attribution graphs."""
+Next: `make demo` now trains a Matryoshka JumpReLU SAE on resid_post.9 and a JumpReLU
+skip-transcoder at layer 9 on these activations (configs/demo.yaml), then exports them in
+the Gemma Scope 2, SAELens and native layouts. Still to come: Pallas sparse kernels,
+steering / refusal / jailbreak analysis and attribution graphs."""
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -119,6 +119,7 @@ class DictionarySpec:
     matryoshka: Any = _f(None, parse=_parse_matryoshka)
     dtype: Literal["float32", "bfloat16"] = "float32"
     sparsity_coeff: float | None = _f(None, min=0)  # None: train.sparsity_coeff
+    lr: float | None = _f(None, min=0)  # None: train.lr
     l0_target_init: float | None = _f(None, min=0)  # decays to l0_target (CLT, crosscoder)
 
     @property
@@ -164,6 +165,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warmup
     lr_final_fraction: float = _f(0.0, min=0)  # cosine: lr at `steps` / lr
     sparsity_coeff: float = _f(1.0, min=0)  # lambda of the quadratic L0 penalty
+    init_b_dec_mean: bool = False  # b_dec (and a free b_pre) start at the data mean, not 0
     sparsity_warmup_steps: int = _f(50_000, min=0)  # linear 0 -> lambda
     l0_penalty: Literal["batch", "token"] = "batch"  # square the batch-mean or each token's L0
     l0_target_decay_steps: int = _f(50_000, min=0)  # from dictionaries' l0_target_init

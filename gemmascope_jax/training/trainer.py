@@ -90,8 +90,9 @@ def run_training(cfg: RunConfig) -> RunResult:
         batches.set_state(restored.extras["data"])
         log.info("resumed from step %d", start)
     else:
-        scalars = _norm_scalars(cfg, model, tok, sites, train_docs, per_process_tokens)
-        state, start = step.init(seed=cfg.train.seed), 0
+        scalars, mean_batch = _norm_scalars(cfg, model, tok, sites, train_docs, per_process_tokens)
+        mean_batch = mean_batch if cfg.train.init_b_dec_mean else None
+        state, start = step.init(seed=cfg.train.seed, mean_batch=mean_batch), 0
 
     logger = RunLogger(cfg.report_dir, tensorboard=cfg.report.tensorboard and lead, enabled=lead)
     bar = tqdm(
@@ -174,7 +175,7 @@ def _trainings(cfg: RunConfig, model) -> list[DictionaryTraining]:
             dead_steps=t.dead_steps,
         )
         optimizer = OptimizerConfig(
-            lr=t.lr,
+            lr=spec.lr if spec.lr is not None else t.lr,
             warmup_steps=t.lr_warmup_steps,
             warmup_init_fraction=t.lr_warmup_from,
             total_steps=t.steps,
@@ -257,11 +258,19 @@ def _progress(it, total: int, desc: str):
     yield from tqdm(it, total=total, desc=desc, unit="batch", leave=False)
 
 
-def _norm_scalars(cfg, model, tok, sites, docs, batch_tokens) -> dict[str, float]:
-    """Per-site scale s with E||x/s||^2 = d, from the first `data.norm_tokens` tokens."""
-    stream = _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None, seed_offset=1)
+def _norm_scalars(cfg, model, tok, sites, docs, batch_tokens):
+    """Per-site scale s with E||x/s||^2 = d, from the first `data.norm_tokens` tokens of a
+    separate stream (or of the cache), and one normalised batch for the data-mean init."""
+    if cfg.cache_dir is not None:
+        cache = cfg.cache_dir / f"process_{jax.process_index()}"
+        stream = ActivationCacheReader(
+            cache, batch_tokens, seed=cfg.data.seed + 1, num_epochs=None, sites=sites
+        )
+    else:
+        stream = _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None, seed_offset=1)
     n_batches = max(1, cfg.data.norm_tokens // batch_tokens)
-    return {s: float(v) for s, v in estimate_norm_scalars(stream, n_batches).items()}
+    scalars = {s: float(v) for s, v in estimate_norm_scalars(stream, n_batches).items()}
+    return scalars, normalize(next(stream), scalars)
 
 
 def _global_batch(step, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
