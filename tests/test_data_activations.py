@@ -189,10 +189,10 @@ def test_norm_scalars_match_numpy(forward):
     first = [next(stream) for _ in range(3)]
     for s in SITES:
         x = np.concatenate([b[s] for b in first]).astype(np.float64)
-        want = np.sqrt(np.mean(np.sum(x**2, axis=1)) / x.shape[1])
+        want = np.sqrt(np.mean(np.sum(x**2, axis=1)))
         assert scalars[s] == pytest.approx(want, rel=1e-6)
         normed = normalize({s: x.astype(np.float32)}, scalars)[s]
-        assert np.mean(np.sum(normed.astype(np.float64) ** 2, 1)) == pytest.approx(64, rel=1e-5)
+        assert np.mean(np.sum(normed.astype(np.float64) ** 2, 1)) == pytest.approx(1, rel=1e-5)
     assert scalars["resid_post.3"] != pytest.approx(scalars["mlp_in.1"], rel=1e-3)
     with pytest.raises(ValueError, match="empty"):
         estimate_norm_scalars(iter([]), 1)

@@ -4,7 +4,7 @@ src = open_source("embedded")                      # or files, jsonl, parquet, d
 toks = PackedTokens(src, tok, seq_len=1024, batch_size=8, seed=0,
                     shard_index=jax.process_index(), shard_count=jax.process_count())
 acts = ActivationStream(model, ["resid_post.9"], toks, batch_tokens=4096)
-scalars = estimate_norm_scalars(acts, n_batches=10)  # {site: s}, E||x/s||^2 = d
+scalars = estimate_norm_scalars(acts, n_batches=10)  # {site: s}, E||x/s||^2 = 1
 state = acts.get_state()                           # JSON-able; set_state resumes exactly
 write_activation_cache("acts", acts, model="gemma-3-270m", seq_len=1024, max_tokens=10**7)
 reader = ActivationCacheReader("acts", 4096, seed=0, num_epochs=None)  # same batch format

@@ -190,10 +190,12 @@ def _opt(x: Any) -> np.ndarray | None:
 
 
 def estimate_norm_scalars(batches: Iterable[Batch], n_batches: int) -> dict[str, float]:
-    """Per-site scalars `s = sqrt(mean_tokens ||x||^2 / d)` from the first `n_batches` batches.
+    """Per-site scalars `s = sqrt(mean_tokens ||x||^2)` from the first `n_batches` batches.
 
-    Dividing a site by its `s` gives unit mean squared norm per dimension, i.e.
-    `E ||x / s||^2 = d` (REFERENCE §5.3; one scalar per layer for multi-layer dictionaries).
+    Dividing a site by its `s` gives unit mean squared norm, `E ||x / s||^2 = 1`, the Gemma
+    Scope 2 convention that its JumpReLU bandwidth (0.001) is meaningful in (REFERENCE §5.1,
+    §5.3; SAELens' `sqrt(d)` convention would make that bandwidth sqrt(d) times too small).
+    One scalar per layer for multi-layer dictionaries.
     Consumes `n_batches` batches of `batches` (use a fresh stream or the cache reader).
     """
     if n_batches < 1:
@@ -205,7 +207,7 @@ def estimate_norm_scalars(batches: Iterable[Batch], n_batches: int) -> dict[str,
         for site, x in batch.items():
             x = np.asarray(x, np.float64)
             sums[site] = sums.get(site, 0.0) + float(np.einsum("nd,nd->", x, x))
-            counts[site] = counts.get(site, 0) + x.shape[0] * x.shape[1]
+            counts[site] = counts.get(site, 0) + x.shape[0]
         seen += 1
         if seen == n_batches:
             break

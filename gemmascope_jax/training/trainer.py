@@ -259,7 +259,7 @@ def _progress(it, total: int, desc: str):
 
 
 def _norm_scalars(cfg, model, tok, sites, docs, batch_tokens):
-    """Per-site scale s with E||x/s||^2 = d, from the first `data.norm_tokens` tokens of a
+    """Per-site scale s with E||x/s||^2 = 1, from the first `data.norm_tokens` tokens of a
     separate stream (or of the cache), and one normalised batch for the data-mean init."""
     if cfg.cache_dir is not None:
         cache = cfg.cache_dir / f"process_{jax.process_index()}"
