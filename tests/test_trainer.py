@@ -3,6 +3,7 @@ and report, and exact resume after SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,7 +77,7 @@ def write_config(tmp_path: Path, tiny_dir: Path, **train) -> Path:
 
 
 def test_train_exports_and_reports(tiny_dir, tmp_path):
-    cfg = load_config(write_config(tmp_path, tiny_dir))
+    cfg = load_config(write_config(tmp_path, tiny_dir), ["eval.every_steps=4"])
     result = run_training(cfg)
     assert result.steps == 8
     for name in ("sae", "skip"):
@@ -89,8 +90,11 @@ def test_train_exports_and_reports(tiny_dir, tmp_path):
             assert d.cfg.input_sites[0] == ("resid_post.3" if name == "sae" else "mlp_in.3")
     report = result.report_dir
     assert (report / "summary.json").is_file() and (report / "sae.png").is_file()
-    lines = (report / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 4  # steps 2, 4, 6, 8
+    rows = [json.loads(line) for line in (report / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" not in r] == [2, 4, 6, 8]
+    evals = [r for r in rows if "eval" in r]
+    assert [r["step"] for r in evals] == [4, 8]  # eval.every_steps=4, and the final eval
+    assert evals[-1]["eval"]["sae"]["fvu"] == pytest.approx(result.evals["sae"]["fvu"])
 
 
 def _run_cli(config: Path, *overrides: str) -> subprocess.Popen:

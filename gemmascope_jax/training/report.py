@@ -57,6 +57,19 @@ class RunLogger:
                 elif name != "step":
                     self._tb.add_scalar(name, values, step)
 
+    def log_eval(self, step: int, evals: dict[str, dict[str, Any]]) -> None:
+        """Held-out eval metrics (scalars only) as an `{"eval": ...}` JSONL row."""
+        row = {"step": step, "eval": {n: _scalars(e) for n, e in evals.items()}}
+        self.history.append(row)
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for name, values in row["eval"].items():
+                for k, v in values.items():
+                    self._tb.add_scalar(f"eval/{name}/{k}", v, step)
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()

@@ -94,6 +94,7 @@ def run_training(cfg: RunConfig) -> RunResult:
         mean_batch = mean_batch if cfg.train.init_b_dec_mean else None
         state, start = step.init(seed=cfg.train.seed, mean_batch=mean_batch), 0
 
+    heldout = _HeldoutEval(cfg, model, tok, sites, heldout_docs)
     logger = RunLogger(cfg.report_dir, tensorboard=cfg.report.tensorboard and lead, enabled=lead)
     bar = tqdm(
         total=cfg.train.steps,
@@ -114,6 +115,10 @@ def run_training(cfg: RunConfig) -> RunResult:
             logger.log_train(done, jax.device_get(metrics), tokens_per_s=rate)
             bar.set_postfix(_postfix(metrics, rate))
         bar.update(1)
+        every = cfg.eval.every_steps
+        if every and done % every == 0 and done < cfg.train.steps:
+            folded = _folded(step, state, scalars, cfg, model, tok, sites, heldout_docs)
+            logger.log_eval(done, heldout(folded))
         stop = ckpt.stop_requested(done)
         if ckpt.should_save(done) or stop or done == cfg.train.steps:
             extras = {"data": batches.get_state(), "norm_scalars": scalars}
@@ -130,7 +135,8 @@ def run_training(cfg: RunConfig) -> RunResult:
         return RunResult(final_step, {}, {}, cfg.report_dir, stopped_early=True)
 
     dictionaries = _folded(step, state, scalars, cfg, model, tok, sites, heldout_docs)
-    evals = _evaluate(cfg, model, tok, sites, heldout_docs, dictionaries)
+    evals = heldout(dictionaries)
+    logger.log_eval(final_step, evals)
     exports = _export(cfg, dictionaries) if lead else {}
     if lead:
         write_report(cfg.report_dir, logger.history, evals, exports, dictionaries)
@@ -330,31 +336,44 @@ def _stack(d_cfg, batch, sites):
     return batch[sites[0]]
 
 
-def _evaluate(cfg, model, tok, sites, heldout_docs, dictionaries) -> dict[str, dict[str, Any]]:
+class _HeldoutEval:
     """FVU/L0/dead/dense on held-out activations (raw units) and, if enabled, delta LM loss
-    and KL with each dictionary spliced in."""
-    if cfg.eval.heldout_tokens == 0:
-        return {}
-    tokens = _heldout_tokens(cfg, tok, heldout_docs)
-    forward = model.jitted(capture=sites, logits=False)
-    acts = [forward(t).sites for t in tokens]
-    evals = {}
-    for name, d in dictionaries.items():
-        keep = [t[:, 1:] for t in tokens]  # BOS is neither trained nor evaluated on
+    and KL with each dictionary spliced in. Held-out tokens and their activations are
+    computed once and reused by every periodic eval."""
 
-        def pairs(d=d, keep=keep):
-            for a, k in zip(acts, keep, strict=True):
-                valid = np.asarray(k != 0).reshape(-1)
-                x = _stack(d.cfg, {s: np.asarray(a[s][:, 1:]) for s in sites}, d.cfg.input_sites)
-                y = _stack(d.cfg, {s: np.asarray(a[s][:, 1:]) for s in sites}, d.cfg.output_sites)
-                x, y = x.reshape(-1, *x.shape[2:])[valid], y.reshape(-1, *y.shape[2:])[valid]
-                yield x, y
+    def __init__(self, cfg, model, tok, sites, heldout_docs):
+        self.cfg, self.model, self.tok, self.sites = cfg, model, tok, sites
+        self.docs = heldout_docs
+        self._data = None
 
-        result = evaluate(d, pairs())
-        if cfg.eval.splice:
-            result.update(splice_eval(model, d, tokens))
-        evals[name] = result
-    return evals
+    def _heldout(self):
+        if self._data is None:
+            tokens = _heldout_tokens(self.cfg, self.tok, self.docs)
+            forward = self.model.jitted(capture=self.sites, logits=False)
+            acts = [
+                {s: np.asarray(v[:, 1:]) for s, v in forward(t).sites.items()} for t in tokens
+            ]  # BOS is neither trained nor evaluated on
+            self._data = tokens, acts
+        return self._data
+
+    def __call__(self, dictionaries) -> dict[str, dict[str, Any]]:
+        if self.cfg.eval.heldout_tokens == 0:
+            return {}
+        tokens, acts = self._heldout()
+        evals = {}
+        for name, d in dictionaries.items():
+
+            def pairs(d=d):
+                for t, a in zip(tokens, acts, strict=True):
+                    valid = np.asarray(t[:, 1:] != 0).reshape(-1)
+                    x, y = _stack(d.cfg, a, d.cfg.input_sites), _stack(d.cfg, a, d.cfg.output_sites)
+                    yield x.reshape(-1, *x.shape[2:])[valid], y.reshape(-1, *y.shape[2:])[valid]
+
+            result = evaluate(d, pairs())
+            if self.cfg.eval.splice:
+                result.update(splice_eval(self.model, d, tokens))
+            evals[name] = result
+        return evals
 
 
 def _export(cfg, dictionaries) -> dict[str, dict[str, str]]:
