@@ -169,3 +169,31 @@ def test_two_process_distributed_run(tiny_dir, tmp_path):
     assert np.isfinite(np.asarray(d.arrays()["w_dec"])).all()
     manifests = sorted(p.name for p in (tmp_path / "run" / "cache").iterdir())
     assert manifests == ["process_0", "process_1"]
+
+
+def test_clt_and_topk_crosscoder_train_and_export(tiny_dir, tmp_path):
+    """Multi-layer kinds through the whole job; formats that cannot hold a dictionary are
+    skipped with the reason, not fatal after training."""
+    path = write_config(tmp_path, tiny_dir, steps=4)
+    raw = yaml.safe_load(path.read_text())
+    raw["dictionary_defaults"] = {}
+    raw["dictionaries"] = [
+        {"name": "clt", "kind": "clt", "layers": "all", "width": 64, "l0_target": 8},
+        {
+            "name": "cc",
+            "kind": "crosscoder",
+            "layers": [1, 3, 5],
+            "width": 64,
+            "architecture": "topk",
+            "k": 4,
+        },
+    ]
+    raw["export"]["formats"] = ["native", "gemma-scope-2", "circuit-tracer"]
+    path.write_text(yaml.safe_dump(raw))
+    result = run_training(load_config(path))
+    assert result.evals["cc"]["l0"] == pytest.approx(12.0)  # k=4 on each of 3 layers
+    clt = result.exports["clt"]
+    assert detect_format(clt["gemma-scope-2"]) == "gemma-scope-2"
+    assert load_dictionary(clt["circuit-tracer"]).cfg.num_layers == 7
+    assert result.exports["cc"]["gemma-scope-2"].startswith("skipped: ")
+    assert detect_format(result.exports["cc"]["native"]) == "native"

@@ -36,6 +36,7 @@ from gemmascope_jax.data.sources import ConcatSource, open_source, split_documen
 from gemmascope_jax.evals.metrics import evaluate
 from gemmascope_jax.evals.splice import splice_eval
 from gemmascope_jax.formats import save_dictionary
+from gemmascope_jax.formats.io import FormatError
 from gemmascope_jax.gemma3.loading import load_gemma3
 from gemmascope_jax.gemma3.sites import resolve_site, site_width
 from gemmascope_jax.sharding import make_mesh
@@ -377,14 +378,23 @@ class _HeldoutEval:
 
 
 def _export(cfg, dictionaries) -> dict[str, dict[str, str]]:
+    """Save every dictionary in every requested format. A format that cannot represent a
+    dictionary (TopK in Gemma Scope 2, a CLT in SAELens, a single transcoder as a
+    circuit-tracer set) is skipped with the reason recorded, not fatal after training."""
     out: dict[str, dict[str, str]] = {}
     for name, d in dictionaries.items():
         out[name] = {}
         for fmt in cfg.export.formats:
-            if fmt == "circuit-tracer" and d.cfg.kind not in ("clt",):
-                continue  # transcoder sets are exported per layer set, not per dictionary
+            if fmt == "circuit-tracer" and d.cfg.kind != "clt":
+                out[name][fmt] = "skipped: circuit-tracer holds CLTs and whole-model sets"
+                continue
             path = cfg.export_dir / name / fmt
-            save_dictionary(d, path, format=fmt, force=True)
+            try:
+                save_dictionary(d, path, format=fmt, force=True)
+            except FormatError as e:
+                log.warning("export of %s as %s skipped: %s", name, fmt, e)
+                out[name][fmt] = f"skipped: {e}"
+                continue
             out[name][fmt] = str(path)
     return out
 
