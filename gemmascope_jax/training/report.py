@@ -44,31 +44,28 @@ class RunLogger:
 
     def log_train(self, step: int, metrics: dict[str, dict[str, Any]], **extra: float) -> None:
         row = {"step": step, **extra, **{n: _scalars(m) for n, m in metrics.items()}}
-        self.history.append(row)
-        if not self.enabled:
-            return
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for name, values in row.items():
-                if isinstance(values, dict):
-                    for k, v in values.items():
-                        self._tb.add_scalar(f"{name}/{k}", v, step)
-                elif name != "step":
-                    self._tb.add_scalar(name, values, step)
+        tags = {k: v for k, v in extra.items()}
+        tags.update(
+            {f"{n}/{k}": v for n, m in row.items() if isinstance(m, dict) for k, v in m.items()}
+        )
+        self._record(row, tags)
 
     def log_eval(self, step: int, evals: dict[str, dict[str, Any]]) -> None:
         """Held-out eval metrics (scalars only) as an `{"eval": ...}` JSONL row."""
         row = {"step": step, "eval": {n: _scalars(e) for n, e in evals.items()}}
+        tags = {f"eval/{n}/{k}": v for n, e in row["eval"].items() for k, v in e.items()}
+        self._record(row, tags)
+
+    def _record(self, row: dict[str, Any], tags: dict[str, float]) -> None:
+        """Keep `row` in the history; append it to the JSONL and `tags` to TensorBoard."""
         self.history.append(row)
         if not self.enabled:
             return
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for name, values in row["eval"].items():
-                for k, v in values.items():
-                    self._tb.add_scalar(f"eval/{name}/{k}", v, step)
+            for tag, value in tags.items():
+                self._tb.add_scalar(tag, value, row["step"])
 
     def close(self) -> None:
         if self.enabled:
