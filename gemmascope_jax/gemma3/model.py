@@ -70,7 +70,17 @@ class Linear(nnx.Module):
         self.kernel = _weight(rngs, (d_in, d_out), logical_axes, param_dtype, std=0.02)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.kernel[...].astype(x.dtype)
+        return _matmul(x, self.kernel[...].astype(x.dtype))
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x @ w` accumulated in float32 (or wider) and rounded once to x's dtype.
+
+    Same numbers as a plain matmul in float32; for bfloat16 it matches torch's bf16 GEMM
+    (float32 accumulation) and lets XLA's CPU backend use its fast bf16 x bf16 -> f32 dot.
+    """
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.matmul(x, w, preferred_element_type=wide).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -171,7 +181,7 @@ class Gemma3(nnx.Module):
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """Final-normed hidden [..., d_model] -> logits [..., vocab] (tied embedding, no scale)."""
-        return h @ self.embed_tokens[...].astype(h.dtype).T
+        return _matmul(h, self.embed_tokens[...].astype(h.dtype).T)
 
     # ---- forward ------------------------------------------------------------------------------
 
