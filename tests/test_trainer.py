@@ -97,8 +97,10 @@ def test_train_exports_and_reports(tiny_dir, tmp_path):
     assert evals[-1]["eval"]["sae"]["fvu"] == pytest.approx(result.evals["sae"]["fvu"])
 
 
-def _run_cli(config: Path, *overrides: str) -> subprocess.Popen:
+def _run_cli(config: Path, *overrides: str, devices: int = 1) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.Popen(
         [sys.executable, "-m", "gemmascope_jax.cli", "train", str(config), *overrides],
         env=env,
@@ -147,33 +149,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_distributed_run(tiny_dir, tmp_path):
+def test_two_process_distributed_run_matches_single_process(tiny_dir, tmp_path):
     """Two `jax.distributed` processes on loopback (gloo), one CPU device each, each reading
-    its own data shard: both finish, agree on the step, and the lead exports."""
-    config = write_config(tmp_path, tiny_dir, steps=4)
+    its own data shard, train the same parameters as one process with two devices reading both
+    shards (`data.shards=2`): same global batches, same scalars, same mesh."""
+    multi = write_config(tmp_path / "multi", tiny_dir, steps=4)
+    single = write_config(tmp_path / "single", tiny_dir, steps=4)
     port = _free_port()
     procs = [
         _run_cli(
-            config,
+            multi,
             f"mesh.distributed.coordinator_address=127.0.0.1:{port}",
             "mesh.distributed.num_processes=2",
             f"mesh.distributed.process_id={i}",
         )
         for i in range(2)
     ]
+    procs.append(_run_cli(single, "data.shards=2", devices=2))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     assert '"steps": 4' in outs[0]
-    d = load_dictionary(tmp_path / "run" / "export" / "sae" / "native")
-    assert np.isfinite(np.asarray(d.arrays()["w_dec"])).all()
-    manifests = sorted(p.name for p in (tmp_path / "run" / "cache").iterdir())
-    assert manifests == ["process_0", "process_1"]
+    caches = sorted(p.name for p in (tmp_path / "multi" / "run" / "cache").iterdir())
+    assert caches == ["shard_0_of_2", "shard_1_of_2"]
+    for name in ("sae", "skip"):
+        a, b = _params(tmp_path / "multi" / "run", name), _params(tmp_path / "single" / "run", name)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}.{k}")
 
 
 def test_clt_and_topk_crosscoder_train_and_export(tiny_dir, tmp_path):
-    """Multi-layer kinds through the whole job; formats that cannot hold a dictionary are
-    skipped with the reason, not fatal after training."""
+    """Multi-layer kinds and a whole-model transcoder set through the whole job; formats that
+    cannot hold a dictionary are skipped with the reason, not fatal after training."""
     path = write_config(tmp_path, tiny_dir, steps=4)
     raw = yaml.safe_load(path.read_text())
     raw["dictionary_defaults"] = {}
@@ -187,6 +194,7 @@ def test_clt_and_topk_crosscoder_train_and_export(tiny_dir, tmp_path):
             "architecture": "topk",
             "k": 4,
         },
+        {"name": "plt", "kind": "transcoder", "layers": "all", "width": 32, "l0_target": 4},
     ]
     raw["export"]["formats"] = ["native", "gemma-scope-2", "circuit-tracer"]
     path.write_text(yaml.safe_dump(raw))
@@ -197,3 +205,10 @@ def test_clt_and_topk_crosscoder_train_and_export(tiny_dir, tmp_path):
     assert load_dictionary(clt["circuit-tracer"]).cfg.num_layers == 7
     assert result.exports["cc"]["gemma-scope-2"].startswith("skipped: ")
     assert detect_format(result.exports["cc"]["native"]) == "native"
+    # One transcoder per layer: exported together as a circuit-tracer set, same numbers.
+    assert result.exports["plt_0"]["circuit-tracer"].startswith("skipped: exported with")
+    tset = load_dictionary(result.exports["transcoder_set"]["circuit-tracer"])
+    assert len(tset) == 7
+    for layer, member in enumerate(tset):
+        native = load_dictionary(result.exports[f"plt_{layer}"]["native"])
+        np.testing.assert_allclose(member.arrays()["w_dec"], native.arrays()["w_dec"], rtol=1e-6)

@@ -311,3 +311,14 @@ def test_defaults_and_round_trip_of_special_values():
     assert cfg.dictionaries[1].matryoshka_widths == (1024, 2048, 4096)
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_single_layer_kind_over_several_layers_is_one_dictionary_per_layer():
+    cfg = load_config(CONFIGS / "gs2" / "transcoder_all_270m.yaml", device_count=1)
+    assert [d.name for d in cfg.dictionaries] == [f"transcoder_all_{i}" for i in range(18)]
+    assert [d.input_sites for d in cfg.dictionaries] == [(f"mlp_in.{i}",) for i in range(18)]
+    assert all(d.kind == "skip_transcoder" and d.skip for d in cfg.dictionaries)
+    cfg = load_config(DEMO, ["dictionaries=[{kind: sae, layers: [3, 5], l0_target: 8}]"])
+    assert [d.input_sites for d in cfg.dictionaries] == [("resid_post.3",), ("resid_post.5",)]
+    problems, _ = _problems(["dictionaries=[{kind: sae, layers: [3, 40], l0_target: 8}]"])
+    assert "layers.0" in next(k for k in problems if "layer 40" in k)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gemmascope_jax.dictionaries.activations import ACTIVATIONS, canonical_architecture
-from gemmascope_jax.dictionaries.config import KIND_NAMES, DictionaryConfig
+from gemmascope_jax.dictionaries.config import KIND_NAMES, SINGLE_LAYER_KINDS, DictionaryConfig
 from gemmascope_jax.formats import canonical_format
 from gemmascope_jax.gemma3.config import Gemma3Config, preset
 from gemmascope_jax.gemma3.sites import resolve_site
@@ -102,6 +102,9 @@ class DataConfig:
     cache_dir: str | None = None  # activation cache (write once, train `epochs` times)
     epochs: int = _f(1, min=1)
     norm_tokens: int = _f(65_536, min=1)  # tokens for the normalisation scalar estimate
+    # Data shards (documents i::shards), default one per process; a multiple of the process
+    # count. The global batch depends only on this, not on how many processes read it.
+    shards: int | None = _f(None, min=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +373,7 @@ def _validate(cfg: RunConfig, device_count: int | None) -> RunConfig:
         except ValueError as e:
             add(("mesh", str(e)))
     dist = mesh.distributed if isinstance(mesh.distributed, DistributedConfig) else None
+    shards = d.shards or (dist.num_processes if dist else 1)
     # fmt: off
     for bad, key, msg in (
         (mesh.data == 0 or mesh.data < -1, "mesh.data", f"must be -1 or >= 1, got {mesh.data}"),
@@ -379,8 +383,12 @@ def _validate(cfg: RunConfig, device_count: int | None) -> RunConfig:
          "must be < mesh.distributed.num_processes"),
         (dist and not re.fullmatch(r".+:\d+", dist.coordinator_address),
          "mesh.distributed.coordinator_address", "expected host:port"),
-        (dist and d.batch_size % dist.num_processes, "data.batch_size",
-         "must split evenly over mesh.distributed.num_processes (each host reads a shard)"),
+        (dist and d.shards and d.shards % dist.num_processes, "data.shards",
+         "must be a multiple of mesh.distributed.num_processes (each reads whole shards)"),
+        (d.batch_size % shards, "data.batch_size",
+         f"must split evenly over the {shards} data shards (one per process by default)"),
+        (t.batch_tokens % shards, "train.batch_tokens",
+         f"must split evenly over the {shards} data shards (one per process by default)"),
         (not d.sources, "data.sources", "at least one source"),
         (d.epochs > 1 and d.cache_dir is None, "data.epochs",
          "more than one epoch needs data.cache_dir (the activation cache)"),
@@ -404,8 +412,8 @@ def _validate(cfg: RunConfig, device_count: int | None) -> RunConfig:
         except ValueError as e:
             add((f"export.formats.{i}", str(e)))
     specs = [
-        _validate_dict(spec, f"dictionaries.{i}", depth, model_axis, add)
-        for i, spec in enumerate(cfg.dictionaries)
+        _validate_dict(spec, key, depth, model_axis, add)
+        for key, spec in _per_layer_specs(cfg.dictionaries, depth)
     ]
     names = [s.name for s in specs if s is not None]
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -415,6 +423,26 @@ def _validate(cfg: RunConfig, device_count: int | None) -> RunConfig:
     export = dataclasses.replace(cfg.export, formats=tuple(dict.fromkeys(formats)))
     run = dataclasses.replace(cfg.run, dir=cfg.run.dir or f"runs/{cfg.run.name}")
     return dataclasses.replace(cfg, run=run, dictionaries=tuple(specs), export=export)
+
+
+def _per_layer_specs(specs, depth):
+    """(config key, spec) pairs with every single-layer spec that lists several layers (or
+    `all`) split into one spec per layer, named `<name>_<layer>`: `{kind: transcoder, layers:
+    all}` is a whole-model transcoder set (exported as one circuit-tracer set)."""
+    out = []
+    for i, spec in enumerate(specs):
+        key, layers = f"dictionaries.{i}", spec.layers
+        if layers == "all" and depth is not None:
+            layers = tuple(range(depth))
+        single = spec.kind in SINGLE_LAYER_KINDS and spec.input_sites is None
+        if not single or not isinstance(layers, tuple) or len(layers) < 2:
+            out.append((key, spec))
+            continue
+        for layer in layers:
+            name = f"{spec.name}_{layer}" if spec.name else None
+            one = dataclasses.replace(spec, layers=(layer,), name=name)
+            out.append((f"{key}[layer {layer}]", one))
+    return out
 
 
 def _validate_dict(d: DictionarySpec, key: str, depth, model_axis, add) -> DictionarySpec | None:

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,9 @@ from gemmascope_jax.data.activations import ActivationStream, estimate_norm_scal
 from gemmascope_jax.data.cache import ActivationCacheReader, read_manifest, write_activation_cache
 from gemmascope_jax.data.corpus import embedded_corpus
 from gemmascope_jax.data.packing import PackedTokens
+from gemmascope_jax.data.shards import ShardedBatches, combine_norm_scalars, local_shards
 from gemmascope_jax.data.sources import ConcatSource, open_source, split_documents
+from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.evals.metrics import evaluate
 from gemmascope_jax.evals.splice import splice_eval
 from gemmascope_jax.formats import save_dictionary
@@ -80,19 +81,22 @@ def run_training(cfg: RunConfig) -> RunResult:
     train_docs, heldout_docs = split_documents(
         _documents(cfg), holdout=HELDOUT_FRACTION, seed=cfg.data.seed
     )
-    per_process_tokens = cfg.train.batch_tokens // jax.process_count()
+    shards, shard_count = local_shards(cfg.data.shards)
+    shard_tokens = cfg.train.batch_tokens // shard_count
 
     ckpt = Checkpointer.from_config(cfg)
     restored = ckpt.restore(step.abstract_state()) if cfg.checkpoint.resume else None
-    batches = _activation_batches(cfg, model, tok, sites, train_docs, per_process_tokens)
+    batches = _activation_batches(cfg, model, tok, sites, train_docs, shards, shard_count)
     if restored is not None:
         state, start = restored.state, int(restored.step)
         scalars = restored.extras["norm_scalars"]
         batches.set_state(restored.extras["data"])
         log.info("resumed from step %d", start)
     else:
-        scalars, mean_batch = _norm_scalars(cfg, model, tok, sites, train_docs, per_process_tokens)
-        mean_batch = mean_batch if cfg.train.init_b_dec_mean else None
+        scalars, mean_batch = _norm_scalars(
+            cfg, model, tok, sites, train_docs, shards, shard_count, shard_tokens
+        )
+        mean_batch = _global_batch(step, mean_batch) if cfg.train.init_b_dec_mean else None
         state, start = step.init(seed=cfg.train.seed, mean_batch=mean_batch), 0
 
     heldout = _HeldoutEval(cfg, model, tok, sites, heldout_docs)
@@ -206,51 +210,72 @@ def _documents(cfg: RunConfig):
     return parts[0] if len(parts) == 1 else ConcatSource(parts)
 
 
-def _tokens(cfg: RunConfig, tok, docs, *, epochs: int | None, seed_offset: int = 0):
+def _tokens(cfg: RunConfig, tok, docs, *, epochs: int | None, seed_offset: int = 0, shard=None):
+    """Packed windows of data shard `shard = (index, count)` (default: one per process)."""
+    index, count = shard or (jax.process_index(), jax.process_count())
     return PackedTokens(
         docs,
         tok,
         seq_len=cfg.data.seq_len,
-        batch_size=max(1, cfg.data.batch_size // jax.process_count()),
+        batch_size=max(1, cfg.data.batch_size // count),
         seed=cfg.data.seed + seed_offset,
         num_epochs=epochs,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        shard_index=index,
+        shard_count=count,
     )
 
 
-def _stream(cfg, model, tok, sites, docs, batch_tokens, *, epochs, seed_offset=0):
-    tokens = _tokens(cfg, tok, docs, epochs=epochs, seed_offset=seed_offset)
+def _stream(cfg, model, tok, sites, docs, batch_tokens, *, epochs, seed_offset=0, shard=None):
+    tokens = _tokens(cfg, tok, docs, epochs=epochs, seed_offset=seed_offset, shard=shard)
+    count = shard[1] if shard else jax.process_count()
     return ActivationStream(
         model,
         sites,
         tokens,
         batch_tokens=batch_tokens,
-        buffer_tokens=max(cfg.data.shuffle_buffer_tokens // jax.process_count(), batch_tokens),
+        buffer_tokens=max(cfg.data.shuffle_buffer_tokens // count, batch_tokens),
         seed=cfg.data.seed + seed_offset,
     )
 
 
-def _activation_batches(cfg, model, tok, sites, docs, batch_tokens) -> Iterator:
-    """The training batches: the activation cache (built on first use) or a live stream."""
+def _shard_cache(cfg: RunConfig, shard: int, count: int) -> Path:
+    return cfg.cache_dir / f"shard_{shard}_of_{count}"
+
+
+def _activation_batches(cfg, model, tok, sites, docs, shards, count) -> ShardedBatches:
+    """The training batches of this process's data shards: each shard's activation cache
+    (built on first use) or live stream, concatenated in shard order."""
+    batch_tokens = cfg.train.batch_tokens // count
     if cfg.cache_dir is None:
-        return _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None)
-    cache = cfg.cache_dir / f"process_{jax.process_index()}"
-    needed = math.ceil(cfg.train.steps * batch_tokens / cfg.data.epochs)
-    if not _cache_ok(cache, sites, needed):
-        log.info("writing the activation cache (%d tokens) to %s", needed, cache)
-        stream = _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None)
-        write_activation_cache(
-            cache,
-            _progress(stream, needed // batch_tokens + 1, "activation cache"),
-            model=model.cfg.name,
-            seq_len=cfg.data.seq_len,
-            max_tokens=needed,
-            overwrite=True,
+        return ShardedBatches(
+            [
+                _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None, shard=(i, count))
+                for i in shards
+            ]
         )
-    return ActivationCacheReader(
-        cache, batch_tokens, seed=cfg.data.seed, num_epochs=None, sites=sites
-    )
+    needed = math.ceil(cfg.train.steps * batch_tokens / cfg.data.epochs)
+    readers = []
+    for i in shards:
+        cache = _shard_cache(cfg, i, count)
+        if not _cache_ok(cache, sites, needed):
+            log.info("writing the activation cache (%d tokens) to %s", needed, cache)
+            stream = _stream(
+                cfg, model, tok, sites, docs, batch_tokens, epochs=None, shard=(i, count)
+            )
+            write_activation_cache(
+                cache,
+                _progress(stream, needed // batch_tokens + 1, "activation cache"),
+                model=model.cfg.name,
+                seq_len=cfg.data.seq_len,
+                max_tokens=needed,
+                overwrite=True,
+            )
+        readers.append(
+            ActivationCacheReader(
+                cache, batch_tokens, seed=cfg.data.seed, num_epochs=None, sites=sites
+            )
+        )
+    return ShardedBatches(readers)
 
 
 def _cache_ok(path: Path, sites, needed: int) -> bool:
@@ -265,19 +290,38 @@ def _progress(it, total: int, desc: str):
     yield from tqdm(it, total=total, desc=desc, unit="batch", leave=False)
 
 
-def _norm_scalars(cfg, model, tok, sites, docs, batch_tokens):
-    """Per-site scale s with E||x/s||^2 = 1, from the first `data.norm_tokens` tokens of a
-    separate stream (or of the cache), and one normalised batch for the data-mean init."""
-    if cfg.cache_dir is not None:
-        cache = cfg.cache_dir / f"process_{jax.process_index()}"
-        stream = ActivationCacheReader(
-            cache, batch_tokens, seed=cfg.data.seed + 1, num_epochs=None, sites=sites
-        )
-    else:
-        stream = _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None, seed_offset=1)
-    n_batches = max(1, cfg.data.norm_tokens // batch_tokens)
-    scalars = {s: float(v) for s, v in estimate_norm_scalars(stream, n_batches).items()}
-    return scalars, normalize(next(stream), scalars)
+def _norm_scalars(cfg, model, tok, sites, docs, shards, count, batch_tokens):
+    """Per-site scale s with E||x/s||^2 = 1 over all data shards (each shard's first
+    `data.norm_tokens / shards` tokens of a separate stream or of its cache, combined over
+    processes), and this process's first normalised batch for the data-mean init."""
+    n_batches = max(1, cfg.data.norm_tokens // (batch_tokens * count))
+    per_shard, firsts = [], []
+    for i in shards:
+        if cfg.cache_dir is not None:
+            stream = ActivationCacheReader(
+                _shard_cache(cfg, i, count),
+                batch_tokens,
+                seed=cfg.data.seed + 1,
+                num_epochs=None,
+                sites=sites,
+            )
+        else:
+            stream = _stream(
+                cfg,
+                model,
+                tok,
+                sites,
+                docs,
+                batch_tokens,
+                epochs=None,
+                seed_offset=1,
+                shard=(i, count),
+            )
+        per_shard.append(estimate_norm_scalars(stream, n_batches))
+        firsts.append(next(stream))
+    scalars = combine_norm_scalars(per_shard)
+    first = next(ShardedBatches([iter([batch]) for batch in firsts]))
+    return scalars, normalize(first, scalars)
 
 
 def _global_batch(step, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -377,26 +421,66 @@ class _HeldoutEval:
         return evals
 
 
+TRANSCODER_SET = "transcoder_set"  # export name of the per-layer transcoders as one set
+
+
 def _export(cfg, dictionaries) -> dict[str, dict[str, str]]:
     """Save every dictionary in every requested format. A format that cannot represent a
     dictionary (TopK in Gemma Scope 2, a CLT in SAELens, a single transcoder as a
-    circuit-tracer set) is skipped with the reason recorded, not fatal after training."""
+    circuit-tracer set) is skipped with the reason recorded, not fatal after training.
+
+    circuit-tracer holds CLTs and whole-model transcoder sets: when the run trained one
+    transcoder per model layer (e.g. `{kind: transcoder, layers: all}`), they are exported
+    together as `export/transcoder_set/circuit-tracer`."""
     out: dict[str, dict[str, str]] = {}
+    set_members = _transcoder_set_members(dictionaries)
     for name, d in dictionaries.items():
         out[name] = {}
         for fmt in cfg.export.formats:
             if fmt == "circuit-tracer" and d.cfg.kind != "clt":
-                out[name][fmt] = "skipped: circuit-tracer holds CLTs and whole-model sets"
+                out[name][fmt] = (
+                    f"skipped: exported with the whole-model set as {TRANSCODER_SET}"
+                    if name in set_members
+                    else "skipped: circuit-tracer holds CLTs and whole-model transcoder sets "
+                    "(train one transcoder per layer to get a set)"
+                )
                 continue
-            path = cfg.export_dir / name / fmt
-            try:
-                save_dictionary(d, path, format=fmt, force=True)
-            except FormatError as e:
-                log.warning("export of %s as %s skipped: %s", name, fmt, e)
-                out[name][fmt] = f"skipped: {e}"
-                continue
-            out[name][fmt] = str(path)
+            out[name][fmt] = _save(d, cfg.export_dir / name / fmt, fmt, name)
+    if set_members and "circuit-tracer" in cfg.export.formats:
+        members = [dictionaries[n] for n in set_members]
+        try:
+            tset = TranscoderSet.from_transcoders(members)
+        except ValueError as e:
+            out[TRANSCODER_SET] = {"circuit-tracer": f"skipped: {e}"}
+        else:
+            path = cfg.export_dir / TRANSCODER_SET / "circuit-tracer"
+            out[TRANSCODER_SET] = {"circuit-tracer": _save(tset, path, "circuit-tracer", "set")}
     return out
+
+
+def _save(obj, path: Path, fmt: str, name: str) -> str:
+    try:
+        save_dictionary(obj, path, format=fmt, force=True)
+    except FormatError as e:
+        log.warning("export of %s as %s skipped: %s", name, fmt, e)
+        return f"skipped: {e}"
+    return str(path)
+
+
+def _transcoder_set_members(dictionaries) -> list[str]:
+    """Names of the run's transcoders ordered by layer when they are exactly one per model
+    layer (0..L-1), else []."""
+    by_layer: dict[int, list[str]] = {}
+    depth = None
+    for name, d in dictionaries.items():
+        if d.cfg.kind in ("transcoder", "skip_transcoder"):
+            by_layer.setdefault(d.cfg.layers[0], []).append(name)
+            depth = d.cfg.model_num_layers
+    if depth is None or sorted(by_layer) != list(range(depth)):
+        return []
+    if any(len(names) != 1 for names in by_layer.values()):
+        return []
+    return [by_layer[layer][0] for layer in range(depth)]
 
 
 def summary_json(result: RunResult) -> str:
