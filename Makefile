@@ -24,6 +24,7 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	$(BIN)/gemmascope-jax demo --max-new-tokens 24
 	$(BIN)/gemmascope-jax train configs/demo.yaml
+	$(BIN)/gemmascope-jax dashboard --dictionary runs/demo/export/resid_post_9_matryoshka/native --max-tokens 16384 --latents 200 --out runs/demo/dashboard
 
 # Peer libraries whose pins clash with ours (circuit-tracer 0.5.0 pins transformers 4.57.3)
 # live in their own venv; tests run scripts/interop/*.py with it.
@@ -35,6 +36,8 @@ $(INTEROP)/.installed: scripts/interop/requirements.txt
 	touch $@
 
 test: $(VENV)/.installed-test interop
+	@# The dashboard test drives Debian's headless Chromium; install it when missing.
+	@test -x /usr/bin/chromedriver || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=15

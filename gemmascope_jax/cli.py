@@ -138,9 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML run config (see configs/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     train.set_defaults(func=_train)
+    from gemmascope_jax.analysis.chat_cli import (
+        add_cot_parser,
+        add_jailbreak_parser,
+        add_refusal_parser,
+    )
+    from gemmascope_jax.analysis.dashboard import add_dashboard_parser
+    from gemmascope_jax.analysis.features import add_inspect_parser
+    from gemmascope_jax.analysis.steering import add_steer_parser
     from gemmascope_jax.formats.convert import add_convert_parser
 
     add_convert_parser(sub)
+    add_steer_parser(sub)
+    add_refusal_parser(sub)
+    add_jailbreak_parser(sub)
+    add_cot_parser(sub)
+    add_inspect_parser(sub)
+    add_dashboard_parser(sub)
     sites = sub.add_parser("sites", help="list accepted activation-site names")
     sites.add_argument("--preset", default="270m")
     sites.set_defaults(func=_sites)

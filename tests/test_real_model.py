@@ -76,11 +76,14 @@ def test_real_logits_and_sites_match_transformers(real_model, batch, reference):
 
 
 def test_greedy_generation_matches_transformers(real_model, hf_gguf_model):
+    """24 new tokens of a chat and a plain prompt, decoded together (left-padded, KV cache)
+    against transformers' greedy generation of each prompt alone."""
     model, tok = real_model
-    prompt = tok.chat(CHAT)
-    ours = generate(model, [prompt], max_new_tokens=12)[0]
-    with torch.no_grad():
-        ref = hf_gguf_model.generate(
-            torch.as_tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=[1, 106]
-        )[0, len(prompt) :].tolist()
-    assert ours == ref, (tok.decode(ours), tok.decode(ref))
+    prompts = [tok.chat(CHAT), tok.encode(PROMPTS[0])]
+    ours = generate(model, prompts, max_new_tokens=24)
+    for prompt, row in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            ref = hf_gguf_model.generate(
+                torch.as_tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=[1, 106]
+            )[0, len(prompt) :].tolist()
+        assert row == ref, (tok.decode(row), tok.decode(ref))

@@ -100,6 +100,12 @@ class Attention(nnx.Module):
 
         rope: (cos, sin) [batch, seq, head_dim]; mask: bool [batch, 1, 1, q, k].
         """
+        q_btkgh, k_bskh, v_bskh = self.project(x, rope)
+        return self.attend(q_btkgh, k_bskh, v_bskh, mask, hook)
+
+    def project(self, x, rope: tuple[jax.Array, jax.Array]):
+        """x [batch, t, d_model] -> q [batch, t, kv_heads, q_per_kv, head_dim] and k, v
+        [batch, t, kv_heads, head_dim], q and k normed and rotated."""
         cfg = self.cfg
         b, t, _ = x.shape
         kv, g, hd = cfg.num_kv_heads, cfg.queries_per_kv, cfg.head_dim
@@ -109,14 +115,27 @@ class Attention(nnx.Module):
         cos, sin = rope
         q_btkgh = _apply_rope(q_btkgh, cos[:, :, None, None], sin[:, :, None, None])
         k_bskh = _apply_rope(k_bskh, cos[:, :, None], sin[:, :, None])
-        wide = jnp.promote_types(x.dtype, jnp.float32)
+        return q_btkgh, k_bskh, v_bskh
+
+    def attend(self, q_btkgh, k_bskh, v_bskh, mask: jax.Array, hook) -> jax.Array:
+        """Queries [batch, t, kv, g, hd] over keys/values [batch, s, kv, hd] (s = t in the
+        forward, the cache length when decoding) -> o_proj output [batch, t, d_model].
+
+        mask: bool [batch, 1, 1, t, s].
+        """
+        cfg = self.cfg
+        b, t = q_btkgh.shape[:2]
+        s, dtype = k_bskh.shape[1], v_bskh.dtype
+        wide = jnp.promote_types(dtype, jnp.float32)
         scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh)
         # Scale in float32 then round, as torch does for `bf16_tensor * python_float`.
-        scores = (scores.astype(wide) * cfg.query_pre_attn_scalar**-0.5).astype(x.dtype)
+        scores = (scores.astype(wide) * cfg.query_pre_attn_scalar**-0.5).astype(dtype)
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(wide), axis=-1).astype(x.dtype)
-        probs = hook("attn_pattern", probs.reshape(b, cfg.num_heads, t, t)).reshape(probs.shape)
-        z = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, cfg.num_heads * hd)
+        probs = jax.nn.softmax(scores.astype(wide), axis=-1).astype(dtype)
+        probs = hook("attn_pattern", probs.reshape(b, cfg.num_heads, t, s)).reshape(probs.shape)
+        z = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(
+            b, t, cfg.num_heads * cfg.head_dim
+        )
         return self.o_proj(hook("attn_z", z))
 
 
@@ -148,8 +167,15 @@ class DecoderLayer(nnx.Module):
         self.post_feedforward_layernorm = RMSNorm(d, eps, **kw)
 
     def __call__(self, h, rope, mask, hook) -> jax.Array:
+        return self.forward_with(
+            h, functools.partial(self.self_attn, rope=rope, mask=mask, hook=hook), hook
+        )
+
+    def forward_with(self, h, attention: Callable[[jax.Array], jax.Array], hook) -> jax.Array:
+        """The block around `attention` (attn_in [batch, t, d_model] -> o_proj output), which
+        the KV-cache decoder replaces by cached attention."""
         h = hook("resid_pre", h)
-        attn = self.self_attn(hook("attn_in", self.input_layernorm(h)), rope, mask, hook)
+        attn = attention(hook("attn_in", self.input_layernorm(h)))
         attn = hook("attn_out", self.post_attention_layernorm(hook("attn_proj", attn)))
         h = hook("resid_mid", h + attn)
         mlp = self.mlp(hook("mlp_in", self.pre_feedforward_layernorm(h)), hook)

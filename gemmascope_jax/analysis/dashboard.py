@@ -1,0 +1,367 @@
+"""Static HTML feature dashboard: one page per latent and a searchable index, opened from disk.
+
+    gemmascope-jax dashboard --dictionary runs/demo/export/resid_post_9_matryoshka/native \\
+        --max-tokens 16384 --out runs/demo/dashboard
+
+The site needs no server (it works from file://): every page is plain HTML written here, and
+the index's search data is a JavaScript file loaded with a <script> tag (no fetch of JSON).
+
+    out/index.html                 latents table + search by id (123, L9/123) or by token
+    out/latents/<name>.html        density, histogram, logit lens, max-activating examples
+    out/latents/<name>.png         activation histogram over the fixed log-spaced bins
+    out/assets/                    style.css, dashboard.js, index_data.js
+    out/max_examples/              the corpus scan (`MaxExamples.load` reads it back)
+
+Which latents get a page: by default 200 — the 150 most frequent latents that fired on the
+corpus, then 50 spread evenly over the remaining firing latents ranked by density (so rare
+latents are seen too). `latents=N` keeps that 3:1 split for N pages; a list of ids (flat
+indices, or names like `L9/123` for multi-layer dictionaries) gives exactly those.
+Token search matches (case-insensitively, as a substring) the tokens where the latent's
+examples peak, its logit-lens tokens, then the other tokens of its example windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import string
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gemmascope_jax.analysis.features import checked_dictionary, logit_lens_table, token_strings
+from gemmascope_jax.analysis.max_examples import MaxExamples
+from gemmascope_jax.formats.io import atomic_output_dir
+
+DEFAULT_PAGES = 200
+FREQUENT_SHARE = 0.75
+LENS_K = 10
+ASSETS = ("style.css", "dashboard.js")
+
+
+def select_latents(ex: MaxExamples, latents: int | Sequence[int | str] | None = None) -> list[int]:
+    """Flat latent indices that get a page (see the module doc for the rule)."""
+    if latents is None or isinstance(latents, int):
+        count = DEFAULT_PAGES if latents is None else latents
+        if count < 1:
+            raise ValueError(f"number of latents must be >= 1, got {count}")
+        firing = np.flatnonzero(ex.fire_counts > 0)
+        by_density = firing[np.argsort(-ex.fire_counts[firing], kind="stable")]
+        if len(by_density) <= count:
+            return by_density.tolist()
+        frequent = max(1, int(round(count * FREQUENT_SHARE)))
+        rest = by_density[frequent:]
+        spread = np.linspace(0, len(rest) - 1, count - frequent).round().astype(int)
+        return by_density[:frequent].tolist() + rest[np.unique(spread)].tolist()
+    names = {ex.latent_name(i): i for i in range(ex.num_latents)}
+    out = []
+    for item in latents:
+        key = str(item).strip()
+        if key in names and (len(ex.layers) > 1 or key.isdigit()):
+            out.append(names[key])
+        elif key.isdigit() and int(key) < ex.num_latents:
+            out.append(int(key))
+        else:
+            raise ValueError(
+                f"latent {item!r} out of range: this dictionary has {ex.num_latents} latents "
+                f"(ids 0..{ex.num_latents - 1}"
+                + (", or L<layer>/<id>)" if len(ex.layers) > 1 else ")")
+            )
+    return list(dict.fromkeys(out))
+
+
+def page_name(ex: MaxExamples, flat: int) -> str:
+    return ex.latent_name(flat).replace("/", "_")
+
+
+def build_dashboard(
+    model,
+    tokenizer,
+    dictionary,
+    ex: MaxExamples,
+    out: str | Path,
+    *,
+    latents: int | Sequence[int | str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write the site for `dictionary` from the corpus scan `ex` into the folder `out`
+    (replaced atomically); returns the path of `index.html`."""
+    d = checked_dictionary(model, dictionary)
+    if ex.num_latents != d.cfg.total_width:
+        raise ValueError(
+            f"the max examples have {ex.num_latents} latents, the dictionary {d.cfg.total_width}"
+        )
+    chosen = select_latents(ex, latents)
+    lens = logit_lens_table(model, d, chosen, k=LENS_K) if chosen else None
+    text = dict(ex.token_text)
+    if lens is not None:
+        lens_ids = np.unique(np.concatenate([lens[0].ravel(), lens[2].ravel()]))
+        missing = [i for i in lens_ids.tolist() if i not in text]
+        text.update(zip(missing, token_strings(tokenizer, missing), strict=True))
+    tok = lambda i: text.get(int(i), f"<id {int(i)}>")
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "latents").mkdir()
+        (tmp / "assets").mkdir()
+        for name in ASSETS:
+            (tmp / "assets" / name).write_text(_template(name))
+        ex.save(tmp / "max_examples")
+        entries, rows = [], []
+        pages = _progress(chosen, progress)
+        plotter = _HistogramPlotter(ex.hist_edges)
+        for j, flat in enumerate(pages):
+            name = page_name(ex, flat)
+            plotter.save(ex.histograms[flat], tmp / "latents" / f"{name}.png")
+            promoted = [tok(i) for i in lens[0][j]] if lens is not None else []
+            page = _latent_page(ex, flat, chosen, j, lens, tok)
+            (tmp / "latents" / f"{name}.html").write_text(page)
+            entry = _index_entry(ex, flat, tok, promoted + [tok(i) for i in lens[2][j]])
+            entries.append(entry)
+            rows.append(_index_row(entry, promoted))
+        plotter.close()
+        data = {"dictionary": ex.dictionary, "latents": entries}
+        (tmp / "assets" / "index_data.js").write_text(
+            "window.GSJ_INDEX = " + json.dumps(data, ensure_ascii=True) + ";\n"
+        )
+        (tmp / "index.html").write_text(
+            string.Template(_template("index.html")).substitute(
+                title=html.escape(f"Feature dashboard: {ex.dictionary}"),
+                summary=html.escape(
+                    f"{ex.num_latents} latents; corpus of {ex.n_tokens} tokens; "
+                    f"{int((ex.fire_counts > 0).sum())} latents fired; top {ex.values.shape[1]} "
+                    f"examples each ({ex.left} tokens left, {ex.right} right)."
+                ),
+                selection=html.escape(_selection_note(latents, len(chosen))),
+                rows="\n".join(rows),
+            )
+        )
+    return Path(out) / "index.html"
+
+
+def _selection_note(latents, n: int) -> str:
+    if latents is None or isinstance(latents, int):
+        return (
+            f"{n} pages: the most frequent firing latents ({FREQUENT_SHARE:.0%}), then latents "
+            "spread evenly over the rest by density."
+        )
+    return f"{n} pages for the requested latents."
+
+
+def _index_entry(ex: MaxExamples, flat: int, tok, lens_tokens: list[str]) -> dict[str, Any]:
+    valid = np.isfinite(ex.values[flat])
+    peak = ex.context_ids[flat][valid, ex.left]
+    window = ex.context_ids[flat][valid].ravel()
+    top = list(dict.fromkeys(tok(i) for i in peak))
+    context = [t for t in dict.fromkeys(tok(i) for i in window) if t not in top]
+    source, latent = divmod(int(flat), ex.width)
+    return {
+        "name": ex.latent_name(flat),
+        "flat": int(flat),
+        "layer": int(ex.layers[source]),
+        "id": latent,
+        "href": f"latents/{page_name(ex, flat)}.html",
+        "density": float(ex.density[flat]),
+        "mean": float(ex.mean_active[flat]),
+        "max": float(ex.values[flat][0]) if valid.any() else 0.0,
+        "top": top,
+        "lens": lens_tokens,
+        "context": context,
+    }
+
+
+def _index_row(entry: dict[str, Any], promoted: list[str]) -> str:
+    toks = lambda items: "".join(f'<span class="tok">{html.escape(t)}</span>' for t in items)
+    return (
+        f'<tr><td><a href="{entry["href"]}">{html.escape(entry["name"])}</a></td>'
+        f'<td class="num">{entry["density"]:.2e}</td><td class="num">{entry["mean"]:.3g}</td>'
+        f'<td class="num">{entry["max"]:.3g}</td><td>{toks(entry["top"][:8])}</td>'
+        f"<td>{toks(promoted[:6])}</td></tr>"
+    )
+
+
+def _latent_page(ex: MaxExamples, flat: int, chosen: list[int], j: int, lens, tok) -> str:
+    valid = np.isfinite(ex.values[flat])
+    top = float(ex.values[flat][0]) if valid.any() else 0.0
+    links = ['<a href="../index.html">index</a>']
+    if j > 0:
+        links.append(f'<a href="{page_name(ex, chosen[j - 1])}.html">previous</a>')
+    if j + 1 < len(chosen):
+        links.append(f'<a href="{page_name(ex, chosen[j + 1])}.html">next</a>')
+    examples = [
+        _example_html(ex.context_ids[flat, e], ex.context_values[flat, e], ex.left, top, tok)
+        for e in np.flatnonzero(valid)
+    ]
+    lens_html = ""
+    if lens is not None:
+        ti, tv, bi, bv = (a[j] for a in lens)
+        lens_html = _lens_table("promoted", ti, tv, tok) + _lens_table("suppressed", bi, bv, tok)
+    name = page_name(ex, flat)
+    fires = int(ex.fire_counts[flat])
+    return string.Template(_template("latent.html")).substitute(
+        name=html.escape(ex.latent_name(flat)),
+        dictionary=html.escape(ex.dictionary),
+        nav=" | ".join(links),
+        density=f"{ex.density[flat]:.3e}",
+        fires=fires,
+        n_tokens=ex.n_tokens,
+        mean=f"{ex.mean_active[flat]:.4g}",
+        max=f"{top:.4g}",
+        histogram=(
+            f'<img class="hist" src="{name}.png" alt="activation histogram of latent {name}">'
+            if fires
+            else "<p>never fired on the corpus</p>"
+        ),
+        lens_note=html.escape(
+            "decoder direction x (1 + final-norm weight), times the unembedding (no RMS "
+            "division); logits of the top promoted and suppressed tokens"
+        ),
+        lens=lens_html,
+        examples_note=html.escape(
+            f"{len(examples)} examples; background = activation / max; hover a token for its "
+            "value; the outlined token is the example."
+        ),
+        examples="\n".join(examples) or "<p>no examples: the latent never fired</p>",
+    )
+
+
+def _example_html(ids, values, center: int, top: float, tok) -> str:
+    spans = []
+    for pos, (i, v) in enumerate(zip(ids.tolist(), values.tolist(), strict=True)):
+        alpha = 0.0 if top <= 0 else min(max(v / top, 0.0), 1.0)
+        text = tok(i).replace("\n", "\u21b5")
+        cls = "t max" if pos == center else "t"
+        spans.append(
+            f'<span class="{cls}" style="background: rgba(255, 120, 0, {alpha:.3f})" '
+            f'title="{html.escape(repr(tok(i)))}: {v:.4g}">{html.escape(text)}</span>'
+        )
+    value = f'<span class="value">{values[center]:.4g}</span>'
+    return f'<div class="example">{value}{"".join(spans)}</div>'
+
+
+def _lens_table(title: str, ids, values, tok) -> str:
+    rows = "".join(
+        f'<tr><td><span class="tok">{html.escape(tok(i))}</span></td>'
+        f'<td class="num">{v:+.4f}</td></tr>'
+        for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+    )
+    return f"<table><tr><th>{title}</th><th>logit</th></tr>{rows}</table>"
+
+
+class _HistogramPlotter:
+    """One reused matplotlib figure; a step plot of counts over the log-spaced bins."""
+
+    def __init__(self, edges: np.ndarray):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.plt, self.edges = plt, edges
+        self.fig, self.ax = plt.subplots(figsize=(5.5, 2.2), dpi=80)
+
+    def save(self, counts: np.ndarray, path: Path) -> None:
+        ax = self.ax
+        ax.clear()
+        nonzero = np.flatnonzero(counts)
+        if len(nonzero):
+            lo, hi = nonzero[0], nonzero[-1] + 1
+            ax.stairs(counts[lo:hi], self.edges[lo : hi + 1], fill=True, color="#e67e22")
+        ax.set_xscale("log")
+        ax.set_xlabel("activation")
+        ax.set_ylabel("tokens")
+        self.fig.tight_layout()
+        self.fig.savefig(path)
+
+    def close(self) -> None:
+        self.plt.close(self.fig)
+
+
+def _template(name: str) -> str:
+    return resources.files("gemmascope_jax.analysis").joinpath("templates", name).read_text()
+
+
+def _progress(items: list, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="dashboard pages", unit="page")
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+
+def _parse_latents(value: str | None) -> int | list[str] | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() else [v for v in value.split(",") if v.strip()]
+
+
+def _dashboard_cli(args: argparse.Namespace) -> int:
+    import time
+
+    from gemmascope_jax.analysis.max_examples import corpus_batches, scan_corpus
+    from gemmascope_jax.formats import load_dictionary
+    from gemmascope_jax.gemma3.loading import load_gemma3
+
+    t0 = time.perf_counter()
+    try:
+        model, tok = load_gemma3(args.model, progress=False)
+        d = checked_dictionary(model, load_dictionary(args.dictionary))
+        latents = _parse_latents(args.latents)
+        batches = corpus_batches(
+            args.corpus,
+            tok,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+        )
+        total = (
+            None
+            if args.max_tokens is None
+            else -(-args.max_tokens // (args.seq_len * args.batch_size))
+        )
+        ex = scan_corpus(
+            model,
+            d,
+            batches,
+            top_n=args.top_n,
+            left=args.left,
+            right=args.right,
+            tokenizer=tok,
+            total_batches=total,
+        )
+        index = build_dashboard(model, tok, d, ex, args.out, latents=latents)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"gemmascope-jax dashboard: {e}", file=sys.stderr)
+        return 2
+    print(f"scanned {ex.n_tokens} tokens in {time.perf_counter() - t0:.1f}s")
+    print(f"dashboard: {index.resolve()}")
+    return 0
+
+
+def add_dashboard_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "dashboard", help="static HTML feature dashboard (max examples, density, logit lens)"
+    )
+    p.add_argument("--dictionary", required=True, help="dictionary folder (any format)")
+    p.add_argument("--corpus", default="embedded", help="'embedded' or text/jsonl/parquet path")
+    p.add_argument("--model", default=None, help="HF dir, hub id or .gguf (default: embedded)")
+    p.add_argument(
+        "--latents",
+        default=None,
+        help=f"number of pages (default {DEFAULT_PAGES}) or a comma list of ids (L9/123 for CLTs)",
+    )
+    p.add_argument("--max-tokens", type=int, default=65536, help="corpus tokens to scan")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top-n", type=int, default=20, help="examples per latent")
+    p.add_argument("--left", type=int, default=12, help="context tokens before an example")
+    p.add_argument("--right", type=int, default=4, help="context tokens after an example")
+    p.add_argument("--out", required=True, help="output folder (replaced)")
+    p.set_defaults(func=_dashboard_cli)
