@@ -5,6 +5,7 @@ model, tok = gsj.load_gemma3()                      # embedded Gemma 3 270M (GGU
 out = model(tokens, capture=("resid_post.9", "model.layers.5.pre_feedforward_layernorm.output"))
 out.logits, out.sites["resid_post.9"]
 model(tokens, interventions={"resid_post.9": fn})
+gsj.analysis.top_features(model, tok, gsj.load_dictionary("path"), "some text")
 """
 
 from gemmascope_jax.dictionaries import DictionaryConfig, make_dictionary
@@ -17,6 +18,16 @@ from gemmascope_jax.gemma3.sites import Site, resolve_site
 from gemmascope_jax.sharding import make_mesh
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`gsj.analysis` is imported on first use (it pulls in plotting and the chat tools)."""
+    if name == "analysis":
+        import importlib
+
+        return importlib.import_module("gemmascope_jax.analysis")
+    raise AttributeError(f"module 'gemmascope_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "DictionaryConfig",
