@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from gemmascope_jax.dictionaries.base import Dictionary, ParamSpecs
 from gemmascope_jax.dictionaries.config import MULTI_LAYER_KINDS, DictionaryConfig
 from gemmascope_jax.dictionaries.single import GS2_INIT_THRESHOLD, check_prefix, unit_rows
-from gemmascope_jax.dictionaries.sparse import SparseCodes, decode_rows, prefix_mask
+from gemmascope_jax.dictionaries.sparse import SparseCodes, prefix_mask
+from pallas_kernels import sparse_decode
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -66,13 +67,10 @@ def causal_decode(codes: jax.Array, blocks: tuple[jax.Array, ...], prefix: int |
 
 @jax.jit
 def causal_decode_sparse(values: jax.Array, indices: jax.Array, blocks: tuple[jax.Array, ...]):
-    """Sparse `causal_decode`: values/indices [..., L, K] (indices local to each layer's F)."""
-    n_layers = len(blocks)
-    y = jnp.zeros((*values.shape[:-2], n_layers, blocks[0].shape[-1]), values.dtype)
-    for layer, block in enumerate(blocks):
-        part = decode_rows(values[..., layer, :], indices[..., layer, :], block)
-        y = y.at[..., layer:, :].add(part)
-    return y
+    """Sparse `causal_decode`: values/indices [..., L, K] (indices local to each layer's F)
+    -> [..., L, D]; `pallas_kernels.sparse_decode` (XLA on CPU, Pallas on TPU / GPU), whose
+    cost is linear in K, not F."""
+    return sparse_decode(values, indices, blocks)
 
 
 class MultiLayerDictionary(Dictionary):

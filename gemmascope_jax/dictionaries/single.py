@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from gemmascope_jax.dictionaries.base import Dictionary, ParamSpecs
 from gemmascope_jax.dictionaries.config import SINGLE_LAYER_KINDS, DictionaryConfig
-from gemmascope_jax.dictionaries.sparse import SparseCodes, decode_rows, prefix_mask
+from gemmascope_jax.dictionaries.sparse import SparseCodes, prefix_mask
+from pallas_kernels import sparse_decode_single
 
 GS2_INIT_THRESHOLD = 0.001
 
@@ -108,11 +109,12 @@ class SingleLayerDictionary(Dictionary):
     def decode_sparse(
         self, codes: SparseCodes, x: jax.Array | None = None, prefix: int | None = None
     ):
-        """Gather-and-sum decode of `SparseCodes` [..., K]; equals `decode` of the dense codes."""
+        """Gather-and-sum decode of `SparseCodes` [..., K]; equals `decode` of the dense codes.
+        Costs O(K·d_out) per token (`pallas_kernels.sparse_decode_single`)."""
         check_prefix(prefix, self.cfg.width)
         codes = prefix_mask(codes, prefix)
         dt = self._compute_dtype(codes.values)
-        y = decode_rows(codes.values.astype(dt), codes.indices, self._p(self.w_dec, dt))
+        y = sparse_decode_single(codes.values.astype(dt), codes.indices, self._p(self.w_dec, dt))
         return self._add_skip(y + self._p(self.b_dec, dt), x)
 
     def _add_skip(self, y: jax.Array, x: jax.Array | None) -> jax.Array:

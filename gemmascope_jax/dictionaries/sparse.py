@@ -16,8 +16,13 @@ more than K, the K largest are kept and `overflow` counts the rest, so
 For multi-layer dictionaries the layer axis sits before K: values/indices [..., L, K],
 overflow [..., L], indices local to each source layer's F latents.
 
+Encoders: `sparsify` turns dense codes (e.g. JumpReLU) into this form with an overflow count;
+`topk_codes` is the TopK activation straight to sparse form, per row (for multi-layer
+dictionaries: per source layer), exact (`lax.top_k`) or approximate (`lax.approx_max_k` at a
+recall target, REFERENCE §5.6). Both pass gradients to the kept values.
+
 `decode_rows` is the gather-and-sum decode (REFERENCE §6.4): `out = Σ_k v[k] · W[i[k]]`,
-the XLA reference for the Pallas kernels.
+`pallas_kernels.sparse_decode_single` (XLA on CPU, Pallas kernels on TPU / GPU).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import numbers
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import sparse_decode_single
 
 
 @flax.struct.dataclass
@@ -50,16 +57,60 @@ class SparseCodes:
         return to_dense(self, width)
 
 
-def sparsify(codes: jax.Array, k: int) -> SparseCodes:
-    """Dense codes [..., F] (non-negative) -> `SparseCodes` with K = k slots per row."""
-    width = codes.shape[-1]
+def _check_k(k, width: int) -> int:
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= width:
         raise ValueError(f"k must be an int in 1..{width} (latents per row), got {k!r}")
-    values, indices = jax.lax.top_k(codes, int(k))
+    return int(k)
+
+
+def _largest(a: jax.Array, k: int, recall_target: float | None):
+    """(values, int32 indices) of the k largest along the last axis, exact or approximate."""
+    if recall_target is None:
+        values, indices = jax.lax.top_k(a, k)
+    else:
+        if not 0 < recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {recall_target!r}")
+        values, indices = jax.lax.approx_max_k(a, k, recall_target=float(recall_target))
+    return values, indices.astype(jnp.int32)
+
+
+def sparsify(codes: jax.Array, k: int, *, recall_target: float | None = None) -> SparseCodes:
+    """Dense codes [..., F] (non-negative) -> `SparseCodes` with K = k slots per row.
+
+    The K largest codes are kept (`recall_target` switches to `lax.approx_max_k`, which may
+    miss some of them); `overflow` counts the active latents beyond K.
+    """
+    k = _check_k(k, codes.shape[-1])
+    values, indices = _largest(codes, k, recall_target)
     values = jnp.where(values > 0, values, jnp.zeros((), values.dtype))
     active = (codes != 0).sum(-1).astype(jnp.int32)
-    overflow = jnp.maximum(active - int(k), 0).astype(jnp.int32)
-    return SparseCodes(values=values, indices=indices.astype(jnp.int32), overflow=overflow)
+    overflow = jnp.maximum(active - k, 0).astype(jnp.int32)
+    return SparseCodes(values=values, indices=indices, overflow=overflow)
+
+
+def topk_codes(pre: jax.Array, k: int, *, recall_target: float | None = None) -> SparseCodes:
+    """The TopK activation in sparse form: per row of `pre` [..., F], the k largest of
+    `relu(pre)` -> values/indices [..., k] (overflow 0: TopK keeps at most k by definition).
+
+    Equals `sparsify(activations.topk(pre, k), k)` without the dense [..., F] codes;
+    `recall_target` (e.g. 0.95) uses `lax.approx_max_k` (TR App. B.2: 0.75-0.975 work).
+    """
+    k = _check_k(k, pre.shape[-1])
+    values, indices = _largest(pre, k, recall_target)
+    values = jax.nn.relu(values)
+    overflow = jnp.zeros(pre.shape[:-1], jnp.int32)
+    return SparseCodes(values=values, indices=indices, overflow=overflow)
+
+
+def fire_counts(codes: SparseCodes, width: int) -> jax.Array:
+    """Rows on which each latent is active: codes [N, (L,) K] -> [(L,) width] int32."""
+    active = (codes.values != 0).astype(jnp.int32)
+    lead = codes.values.shape[1:-1]
+    flat_i = codes.indices.reshape(codes.indices.shape[0], -1, codes.k)
+    flat_a = active.reshape(flat_i.shape)
+    groups = jnp.arange(flat_i.shape[1])[None, :, None]
+    counts = jnp.zeros((flat_i.shape[1], width), jnp.int32).at[groups, flat_i].add(flat_a)
+    return counts.reshape(*lead, width)
 
 
 def to_dense(codes: SparseCodes, width: int) -> jax.Array:
@@ -76,11 +127,11 @@ def to_dense(codes: SparseCodes, width: int) -> jax.Array:
 def decode_rows(values: jax.Array, indices: jax.Array, w: jax.Array) -> jax.Array:
     """`out[...] = Σ_k values[..., k] · w[indices[..., k]]`.
 
-    values/indices [..., K]; w [F, *rest] -> out [..., *rest] in the values' dtype.
+    values/indices [..., K]; w [F, *rest] -> out [..., *rest] in the values' dtype. Indices
+    out of [0, F) raise a ValueError (when concrete).
     """
-    rows = jnp.take(w, indices, axis=0, mode="clip").astype(values.dtype)  # [..., K, *rest]
-    flat = rows.reshape(*rows.shape[: values.ndim], -1)
-    out = jnp.einsum("...k,...kr->...r", values, flat)
+    table = w.astype(values.dtype).reshape(w.shape[0], -1)
+    out = sparse_decode_single(values, indices, table)
     return out.reshape(*values.shape[:-1], *w.shape[1:])
 
 

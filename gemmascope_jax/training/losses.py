@@ -39,6 +39,15 @@ latents, i.e. latents that have not fired for `dead_steps` steps:
     loss  = recon + aux
 
 k_aux defaults to d_out // 2 per source layer; c_aux to 1/32.
+
+Sparse decode (issue 5, `pallas_kernels.sparse_decode`): TopK codes are built directly in
+sparse form (`topk_codes`: values/indices [N, (L,) k], optionally `lax.approx_max_k` at
+`topk_recall`) and every reconstruction is a sparse decode, so the decoder's forward and
+backward cost O(N·k·d) (CLT: O(N·k·d·L(L+1)/2)) instead of O(N·F·d·...). JumpReLU takes the
+same path when `sparse_k` bounds the active latents per token (and source layer): the K
+largest codes are decoded, the rest dropped (`overflow` metric counts them; L0 and the
+penalties still see all of them). BatchTopK stays dense: its per-batch threshold gives each
+token a variable number of latents, and a fixed bound would silently change the objective.
 """
 
 from __future__ import annotations
@@ -52,7 +61,13 @@ from gemmascope_jax.dictionaries import activations as act_lib
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.dictionaries.config import DictionaryConfig
 from gemmascope_jax.dictionaries.multilayer import causal_decode, causal_decode_sparse
-from gemmascope_jax.dictionaries.sparse import decode_rows
+from gemmascope_jax.dictionaries.sparse import (
+    SparseCodes,
+    decode_rows,
+    fire_counts,
+    sparsify,
+    topk_codes,
+)
 from gemmascope_jax.evals.metrics import fvu_stats
 from gemmascope_jax.training.schedules import linear_interpolate, linear_warmup
 
@@ -94,6 +109,10 @@ class LossConfig:
         aux_k, aux_coeff: auxiliary-k loss (TopK/BatchTopK); aux_k None -> d_out // 2.
         dead_steps: a latent that has not fired for this many steps is dead (aux-k loss and
             the `dead_fraction` metric).
+        sparse_topk: TopK decodes from sparse codes (module docstring); False = dense.
+        topk_recall: recall target of `lax.approx_max_k` for sparse TopK (None = exact).
+        sparse_k: JumpReLU only: decode the `sparse_k` largest codes per token (and source
+            layer) with the sparse op (None = dense decode).
     """
 
     bandwidth: float = 0.001
@@ -109,6 +128,9 @@ class LossConfig:
     aux_k: int | None = None
     aux_coeff: float = 1 / 32
     dead_steps: int = 1000
+    sparse_topk: bool = True
+    topk_recall: float | None = None
+    sparse_k: int | None = None
 
     def check(self, cfg: DictionaryConfig) -> None:
         """Raise a ValueError naming every field that does not fit the dictionary `cfg`."""
@@ -136,6 +158,16 @@ class LossConfig:
             problems.append(f"aux_k must be in 1..{cfg.width}, got {self.aux_k}")
         if self.dead_steps < 1:
             problems.append(f"dead_steps must be >= 1, got {self.dead_steps}")
+        if self.sparse_k is not None:
+            if cfg.architecture != "jumprelu":
+                problems.append(
+                    f"sparse_k bounds JumpReLU codes; {cfg.architecture} "
+                    + ("uses its k" if cfg.architecture == "topk" else "trains dense")
+                )
+            elif not 1 <= self.sparse_k <= cfg.width:
+                problems.append(f"sparse_k must be in 1..{cfg.width}, got {self.sparse_k}")
+        if self.topk_recall is not None and not 0 < self.topk_recall <= 1:
+            problems.append(f"topk_recall must be in (0, 1], got {self.topk_recall}")
         if problems:
             raise ValueError(f"invalid LossConfig for {cfg.kind}: " + "; ".join(problems))
 
@@ -171,6 +203,18 @@ def prefix_reconstructions(
     return out
 
 
+def sparse_training_codes(
+    d: Dictionary, pre: jax.Array, codes: jax.Array | None, lcfg: LossConfig
+) -> SparseCodes | None:
+    """The sparse codes the loss decodes from, or None for a dense decode (module doc)."""
+    cfg = d.cfg
+    if cfg.architecture == "topk" and lcfg.sparse_topk:
+        return topk_codes(pre, cfg.k, recall_target=lcfg.topk_recall)
+    if cfg.architecture == "jumprelu" and lcfg.sparse_k is not None:
+        return sparsify(codes, lcfg.sparse_k, recall_target=lcfg.topk_recall)
+    return None
+
+
 def _sq(a: jax.Array) -> jax.Array:
     """Per-token squared norm [N] over all non-token axes."""
     return jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim)))
@@ -199,21 +243,34 @@ def dictionary_loss(
     pre = d.pre_activations(x)
     token_free = tuple(range(1, pre.ndim))
     jump = cfg.architecture == "jumprelu"
-    codes = d.activate(pre, bandwidth=lcfg.bandwidth if jump else None)
+    sparse_topk = cfg.architecture == "topk" and lcfg.sparse_topk
+    codes = None if sparse_topk else d.activate(pre, bandwidth=lcfg.bandwidth if jump else None)
+    sparse = sparse_training_codes(d, pre, codes, lcfg)
 
     widths = tuple(cfg.matryoshka_widths or (cfg.width,))
     weights = lcfg.matryoshka_weights or (1.0,) * len(widths)
-    recons = prefix_reconstructions(d, codes, x, widths)
+    if sparse is None:
+        recons = prefix_reconstructions(d, codes, x, widths)
+    else:
+        recons = [d.decode_sparse(sparse, x, prefix=n) for n in widths]
     mses = [jnp.mean(_sq(y - r)) for r in recons]
     recon_loss = sum(w * m for w, m in zip(weights, mses, strict=True))
     y_hat = recons[-1]
-    fired = codes > 0
+    if codes is None:
+        l0_tokens = jnp.sum(sparse.l0(), axis=tuple(range(1, sparse.overflow.ndim)))
+        counts = fire_counts(sparse, cfg.width)
+    else:
+        fired = codes > 0
+        l0_tokens = fired.sum(token_free)
+        counts = fired.sum(0).astype(jnp.int32)
     metrics = {
         "mse": mses[-1],
-        "l0": jnp.mean(fired.sum(token_free).astype(jnp.float32)),
-        "fire_counts": fired.sum(0).astype(jnp.int32),
+        "l0": jnp.mean(l0_tokens.astype(jnp.float32)),
+        "fire_counts": counts,
         "fvu_stats": fvu_stats(jax.lax.stop_gradient(y), jax.lax.stop_gradient(y_hat)),
     }
+    if sparse is not None and jump:
+        metrics["overflow"] = jnp.mean(sparse.overflow.sum(token_free[:-1]).astype(jnp.float32))
     if len(widths) > 1:
         metrics.update({f"mse_prefix_{n}": m for n, m in zip(widths, mses, strict=True)})
     num_dead = jnp.sum(steps_since_fired >= lcfg.dead_steps)
