@@ -15,8 +15,8 @@ DEMO_SITES = ("resid_post.5", "model.layers.9.pre_feedforward_layernorm.output",
 COMING = """\
 Next: `make demo` now trains a Matryoshka JumpReLU SAE on resid_post.9 and a JumpReLU
 skip-transcoder at layer 9 on these activations (configs/demo.yaml), then exports them in
-the Gemma Scope 2, SAELens and native layouts. Still to come: Pallas sparse kernels,
-steering / refusal / jailbreak analysis and attribution graphs."""
+the Gemma Scope 2, SAELens and native layouts and writes a feature dashboard. Then look
+inside with `gemmascope-jax inspect / steer / refusal / jailbreak / cot / attribute`."""
 
 
 def _demo(args: argparse.Namespace) -> int:

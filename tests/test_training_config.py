@@ -322,3 +322,22 @@ def test_single_layer_kind_over_several_layers_is_one_dictionary_per_layer():
     assert [d.input_sites for d in cfg.dictionaries] == [("resid_post.3",), ("resid_post.5",)]
     problems, _ = _problems(["dictionaries=[{kind: sae, layers: [3, 40], l0_target: 8}]"])
     assert "layers.0" in next(k for k in problems if "layer 40" in k)
+
+
+def test_sparse_decode_options_reach_the_loss_and_are_checked():
+    from gemmascope_jax.training.trainer import _trainings
+
+    cfg = load_config(DEMO, ["dictionaries.0.sparse_k=64", "dictionaries.0.topk_recall=0.95"])
+    assert (cfg.dictionaries[0].sparse_k, cfg.dictionaries[0].topk_recall) == (64, 0.95)
+
+    class _Model:
+        cfg = preset("270m")
+
+    loss = _trainings(cfg, _Model())[0].loss
+    assert (loss.sparse_k, loss.topk_recall) == (64, 0.95)
+    problems, _ = _problems(
+        ["dictionaries.1.architecture=topk", "dictionaries.1.k=8", "dictionaries.1.sparse_k=8"]
+    )
+    assert "dictionaries.1.sparse_k" in problems
+    problems, _ = _problems(["dictionaries.0.topk_recall=1.5"])
+    assert "dictionaries.0.topk_recall" in problems

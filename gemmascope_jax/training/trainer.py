@@ -184,6 +184,8 @@ def _trainings(cfg: RunConfig, model) -> list[DictionaryTraining]:
             aux_k=t.aux_k,
             aux_coeff=t.aux_coeff,
             dead_steps=t.dead_steps,
+            sparse_k=spec.sparse_k,
+            topk_recall=spec.topk_recall,
         )
         optimizer = OptimizerConfig(
             lr=spec.lr if spec.lr is not None else t.lr,
