@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML run config (see configs/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     train.set_defaults(func=_train)
+    from gemmascope_jax.analysis.attribution_cli import add_attribute_parser
     from gemmascope_jax.analysis.chat_cli import (
         add_cot_parser,
         add_jailbreak_parser,
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from gemmascope_jax.formats.convert import add_convert_parser
 
     add_convert_parser(sub)
+    add_attribute_parser(sub)
     add_steer_parser(sub)
     add_refusal_parser(sub)
     add_jailbreak_parser(sub)

@@ -18,6 +18,7 @@ Every tool returns plain data (frozen dataclasses with numpy arrays, `to_json()`
 CLI verb: `inspect`, `dashboard`, `steer`, `refusal`, `jailbreak`, `cot`, `attribute`.
 """
 
+from gemmascope_jax.analysis.attribution import attribute, select_logits
 from gemmascope_jax.analysis.common import check_chat, check_dictionary, check_latents, prompt_ids
 from gemmascope_jax.analysis.cot import CoTView, cot_from_response, cot_generate, cot_view
 from gemmascope_jax.analysis.dashboard import build_dashboard
@@ -27,6 +28,12 @@ from gemmascope_jax.analysis.features import (
     logit_lens,
     logit_lens_table,
     top_features,
+)
+from gemmascope_jax.analysis.graph import (
+    AttributionGraph,
+    graph_json,
+    prune_graph,
+    write_graph_files,
 )
 from gemmascope_jax.analysis.jailbreak import (
     WRAPPERS,
@@ -51,6 +58,7 @@ from gemmascope_jax.analysis.refusal import (
     refusal_direction,
     refusal_rate,
 )
+from gemmascope_jax.analysis.replacement import ReplacementModel, intervene
 from gemmascope_jax.analysis.steering import (
     SteeringResult,
     ablate_interventions,
@@ -63,6 +71,14 @@ from gemmascope_jax.analysis.steering import (
 )
 
 __all__ = [
+    "AttributionGraph",
+    "ReplacementModel",
+    "attribute",
+    "graph_json",
+    "intervene",
+    "prune_graph",
+    "select_logits",
+    "write_graph_files",
     "REFUSAL_PHRASES",
     "WRAPPERS",
     "AlignedLatents",

@@ -163,6 +163,22 @@ def save_dictionary(
     return out
 
 
+def load_transcoder_set(path_or_paths):
+    """A whole-model `TranscoderSet` from a set folder (circuit-tracer), a folder of per-layer
+    folders (e.g. Gemma Scope 2 `transcoder_all/layer_{l}_...`), or a list of per-layer paths;
+    a CLT folder gives the CLT (see `formats.sets`)."""
+    from gemmascope_jax.formats.sets import load_transcoder_set as load
+
+    return load(path_or_paths)
+
+
+def save_transcoder_set(tset, out, **kwargs):
+    """Save a `TranscoderSet` (see `formats.sets.save_transcoder_set`)."""
+    from gemmascope_jax.formats.sets import save_transcoder_set as save
+
+    return save(tset, out, **kwargs)
+
+
 __all__ = [
     "DEFAULT_FORMAT",
     "FORMATS",
@@ -172,5 +188,7 @@ __all__ = [
     "detect_format",
     "format_module",
     "load_dictionary",
+    "load_transcoder_set",
     "save_dictionary",
+    "save_transcoder_set",
 ]
