@@ -203,7 +203,8 @@ def run_table(title, layers, width, d_model, k, n_tokens, dtype, device, impls, 
     return results
 
 
-def clt_step_time(n_layers, width, d_model, k, n_tokens, rounds):
+def clt_step_fn(n_layers, width, d_model, k, n_tokens):
+    """A timed callable: one TopK CLT train step (`training.step`, sparse decode path)."""
     cfg = DictionaryConfig(
         kind="clt",
         architecture="topk",
@@ -219,33 +220,35 @@ def clt_step_time(n_layers, width, d_model, k, n_tokens, rounds):
     batch = step.put_batch(
         {s: rng.standard_normal((n_tokens, d_model), np.float32) for s in step.sites}
     )
-    state = step.init(seed=0)
-    holder = [state]
+    holder = [step.init(seed=0)]
 
     def one():
         holder[0], metrics = step(holder[0], batch)
         _ready(metrics)
 
-    return time_alternating({"step": one}, rounds)["step"]
+    return one
 
 
 def scaling(width, d_model, k, n_tokens, step_shape, rounds, device):
+    """L = 13 vs 26, the two depths timed in alternation so machine load hits both alike."""
     print("\n### Scaling L = 13 -> 26 (fixed K and F)\n")
-    times = {}
+    fns = {}
     for n_layers in (13, 26):
         p = make_problem(n_layers, width, d_model, k, n_tokens, jnp.float32, device)
-        fns = jax_fns(p, ["xla"])
-        times[n_layers] = time_alternating({"xla": fns["xla"][0]}, rounds)["xla"]
-        del p, fns
+        fns[n_layers] = jax_fns(p, ["xla"])["xla"][0]
+    times = time_alternating(fns, rounds)
     ratio = times[26] / times[13]
     print(
         f"- sparse decode (xla, F = {width}, d = {d_model}, K = {k}, {n_tokens} tokens): "
         f"{times[13] * 1e3:.1f} ms -> {times[26] * 1e3:.1f} ms, **{ratio:.2f}x** "
         f"(target <= 4.4x; FLOPs grow 3.86x)"
     )
+    del fns
     s_width, s_d, s_k, s_tokens = step_shape
     with jax.default_device(device):
-        steps = {n: clt_step_time(n, s_width, s_d, s_k, s_tokens, rounds) for n in (13, 26)}
+        steps = time_alternating(
+            {n: clt_step_fn(n, s_width, s_d, s_k, s_tokens) for n in (13, 26)}, rounds
+        )
     ratio = steps[26] / steps[13]
     print(
         f"- TopK CLT train step (F = {s_width}, d = {s_d}, K = {s_k}, {s_tokens} tokens): "
@@ -261,6 +264,7 @@ def main(argv=None):
     parser.add_argument("--prefault-gib", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--only-scaling", action="store_true", help="just the L=13 -> 26 part")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
     backend = jax.default_backend()
@@ -272,7 +276,7 @@ def main(argv=None):
     )
     prefault(args.prefault_gib)
 
-    if backend in PALLAS_FOR_BACKEND:
+    if backend in PALLAS_FOR_BACKEND and not args.only_scaling:
         acc = jax.devices()[0]
         layers = (6, 12) if args.quick else (6, 12, 18, 26)
         tokens = 512 if args.quick else 4096
@@ -297,7 +301,8 @@ def main(argv=None):
 
     layers = (6,) if args.quick else (6, 12, 18)
     tokens = 256 if args.quick else 1024
-    run_table("CPU", layers, 2048, 640, 32, tokens, jnp.float32, cpu, ["xla"], rounds, threads)
+    if not args.only_scaling:
+        run_table("CPU", layers, 2048, 640, 32, tokens, jnp.float32, cpu, ["xla"], rounds, threads)
     if not args.skip_scaling:
         if args.quick:
             scaling(512, 64, 8, 256, (512, 32, 4, 256), rounds, cpu)
