@@ -212,10 +212,13 @@ def test_sparse_encoders():
     np.testing.assert_array_equal(np.asarray(g), np.asarray(dense > 0, np.float32))
 
 
-@pytest.mark.parametrize("kind,arch", [("sae", "topk"), ("clt", "topk"), ("clt", "jumprelu")])
+@pytest.mark.parametrize(
+    "kind,arch",
+    [("sae", "topk"), ("clt", "topk"), ("clt", "jumprelu"), ("sae", "batchtopk")],
+)
 def test_sparse_training_loss_matches_dense(kind, arch):
-    """TopK trains sparse by default; JumpReLU with sparse_k = width loses nothing. Loss,
-    metrics and gradients equal the dense path's."""
+    """TopK trains sparse by default; JumpReLU and BatchTopK with sparse_k = width lose
+    nothing. Loss, metrics and gradients equal the dense path's."""
     multi = kind == "clt"
     cfg = DictionaryConfig(
         kind=kind,
@@ -223,19 +226,19 @@ def test_sparse_training_loss_matches_dense(kind, arch):
         d_in=8,
         d_out=8,
         width=32,
-        k=4 if arch == "topk" else None,
+        k=4 if arch in ("topk", "batchtopk") else None,
         l0_target=4.0 if arch == "jumprelu" else None,
         layers=(0, 1, 2) if multi else (1,),
         model_num_layers=4,
         matryoshka_widths=(8, 32),
     )
-    if arch == "jumprelu":  # sparse_k = width keeps every active latent
+    if arch in ("jumprelu", "batchtopk"):  # sparse_k = width keeps every active latent
         cfg = cfg.replace(width=16, matryoshka_widths=None)
     d = random_dictionary(cfg, seed=1)
     rng = np.random.default_rng(5)
     shape = (24, 3, 8) if multi else (24, 8)
     x, y = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
-    if arch == "jumprelu":
+    if arch in ("jumprelu", "batchtopk"):
         sparse_cfg, dense_cfg = LossConfig(sparse_k=16), LossConfig()
     else:
         sparse_cfg, dense_cfg = LossConfig(), LossConfig(sparse_topk=False)
@@ -261,4 +264,4 @@ def test_sparse_training_loss_matches_dense(kind, arch):
     for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_d), strict=True):
         assert _rel(a, b) <= 1e-4
     with pytest.raises(ValueError, match="sparse_k"):
-        LossConfig(sparse_k=2).check(cfg.replace(architecture="batchtopk", k=2, l0_target=None))
+        LossConfig(sparse_k=2).check(cfg.replace(architecture="topk", k=2, l0_target=None))

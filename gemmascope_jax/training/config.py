@@ -124,9 +124,9 @@ class DictionarySpec:
     sparsity_coeff: float | None = _f(None, min=0)  # None: train.sparsity_coeff
     lr: float | None = _f(None, min=0)  # None: train.lr
     l0_target_init: float | None = _f(None, min=0)  # decays to l0_target (CLT, crosscoder)
-    # Sparse decoder path: JumpReLU decodes its sparse_k largest codes per token and source
-    # layer (CLTs: cost linear in depth); TopK always decodes sparsely. topk_recall < 1 uses
-    # lax.approx_max_k with that recall (null: exact top-k).
+    # Sparse decoder path: JumpReLU / BatchTopK decode their sparse_k largest codes per token
+    # and source layer (CLTs: cost linear in depth); TopK always decodes sparsely.
+    # topk_recall < 1 uses lax.approx_max_k with that recall (null: exact top-k).
     sparse_k: int | None = _f(None, min=1)
     topk_recall: float | None = _f(None, min=0, max=1)
 
@@ -503,8 +503,8 @@ def _validate_dict(d: DictionarySpec, key: str, depth, model_axis, add) -> Dicti
         err("skip", f"kind {d.kind!r} cannot have skip={d.skip}")
     if d.k is not None and d.k > d.width:
         err("k", f"{d.k} must be <= width ({d.width})")
-    if d.sparse_k is not None and arch not in (None, "jumprelu"):
-        err("sparse_k", f"bounds JumpReLU codes; {arch} uses k (TopK decodes sparsely anyway)")
+    if d.sparse_k is not None and arch not in (None, "jumprelu", "batchtopk"):
+        err("sparse_k", f"bounds JumpReLU / BatchTopK codes; {arch} decodes sparsely with k")
     elif d.sparse_k is not None and d.sparse_k > d.width:
         err("sparse_k", f"{d.sparse_k} must be <= width ({d.width})")
     if model_axis and d.width % model_axis:

@@ -46,8 +46,10 @@ sparse form (`topk_codes`: values/indices [N, (L,) k], optionally `lax.approx_ma
 backward cost O(N·k·d) (CLT: O(N·k·d·L(L+1)/2)) instead of O(N·F·d·...). JumpReLU takes the
 same path when `sparse_k` bounds the active latents per token (and source layer): the K
 largest codes are decoded, the rest dropped (`overflow` metric counts them; L0 and the
-penalties still see all of them). BatchTopK stays dense: its per-batch threshold gives each
-token a variable number of latents, and a fixed bound would silently change the objective.
+penalties still see all of them). BatchTopK takes it the same way: its per-batch threshold
+gives each token a variable number of latents (k on average), so it stays dense unless
+`sparse_k` is set; with `sparse_k` >= the largest per-token count (e.g. 4k; watch `overflow`)
+nothing is dropped and the objective is unchanged.
 """
 
 from __future__ import annotations
@@ -90,6 +92,11 @@ def matryoshka_widths(
         raise ValueError(f"fractions {fractions} do not split width {width} into >= 1 groups")
     cum = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     return (*cum, width)
+
+
+# Architectures whose codes have no fixed K per token: `sparse_k` bounds them (the K largest
+# codes per token and source layer are decoded sparsely; the rest count in `overflow`).
+BOUNDED_SPARSE = ("jumprelu", "batchtopk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +166,9 @@ class LossConfig:
         if self.dead_steps < 1:
             problems.append(f"dead_steps must be >= 1, got {self.dead_steps}")
         if self.sparse_k is not None:
-            if cfg.architecture != "jumprelu":
+            if cfg.architecture not in BOUNDED_SPARSE:
                 problems.append(
-                    f"sparse_k bounds JumpReLU codes; {cfg.architecture} "
+                    f"sparse_k bounds JumpReLU / BatchTopK codes; {cfg.architecture} "
                     + ("uses its k" if cfg.architecture == "topk" else "trains dense")
                 )
             elif not 1 <= self.sparse_k <= cfg.width:
@@ -210,7 +217,7 @@ def sparse_training_codes(
     cfg = d.cfg
     if cfg.architecture == "topk" and lcfg.sparse_topk:
         return topk_codes(pre, cfg.k, recall_target=lcfg.topk_recall)
-    if cfg.architecture == "jumprelu" and lcfg.sparse_k is not None:
+    if cfg.architecture in BOUNDED_SPARSE and lcfg.sparse_k is not None:
         return sparsify(codes, lcfg.sparse_k, recall_target=lcfg.topk_recall)
     return None
 
