@@ -307,7 +307,7 @@ def main(argv=None):
         if args.quick:
             scaling(512, 64, 8, 256, (512, 32, 4, 256), rounds, cpu)
         else:
-            scaling(2048, 640, 32, 1024, (2048, 32, 4, 1024), rounds, cpu)
+            scaling(2048, 640, 32, 1024, (2048, 640, 32, 1024), rounds, cpu)
 
 
 if __name__ == "__main__":
