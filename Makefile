@@ -37,7 +37,7 @@ $(INTEROP)/.installed: scripts/interop/requirements.txt
 
 test: $(VENV)/.installed-test interop
 	@# The dashboard test drives Debian's headless Chromium; install it when missing.
-	@test -x /usr/bin/chromedriver || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; }
+	@test -x /usr/bin/chromedriver || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=15
