@@ -33,6 +33,13 @@ def local_shards(count: int | None) -> tuple[list[int], int]:
     return list(range(index * per, (index + 1) * per)), count
 
 
+def concat_batches(parts: Sequence[Batch]) -> Batch:
+    """Shard batches `{site: [tokens, ...]}` joined along tokens, in the given order."""
+    if len(parts) == 1:
+        return parts[0]
+    return {site: np.concatenate([p[site] for p in parts]) for site in parts[0]}
+
+
 class ShardedBatches(Iterator[Batch]):
     """Batches of several shard iterators concatenated along tokens, in shard order.
 
@@ -50,10 +57,7 @@ class ShardedBatches(Iterator[Batch]):
         return self
 
     def __next__(self) -> Batch:
-        parts = [next(it) for it in self.shards]
-        if len(parts) == 1:
-            return parts[0]
-        return {site: np.concatenate([p[site] for p in parts]) for site in parts[0]}
+        return concat_batches([next(it) for it in self.shards])
 
     def get_state(self) -> dict[str, Any]:
         return {"shards": [it.get_state() for it in self.shards]}

@@ -31,7 +31,12 @@ from gemmascope_jax.data.activations import ActivationStream, estimate_norm_scal
 from gemmascope_jax.data.cache import ActivationCacheReader, read_manifest, write_activation_cache
 from gemmascope_jax.data.corpus import embedded_corpus
 from gemmascope_jax.data.packing import PackedTokens
-from gemmascope_jax.data.shards import ShardedBatches, combine_norm_scalars, local_shards
+from gemmascope_jax.data.shards import (
+    ShardedBatches,
+    combine_norm_scalars,
+    concat_batches,
+    local_shards,
+)
 from gemmascope_jax.data.sources import ConcatSource, open_source, split_documents
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.evals.metrics import evaluate
@@ -86,7 +91,9 @@ def run_training(cfg: RunConfig) -> RunResult:
 
     ckpt = Checkpointer.from_config(cfg)
     restored = ckpt.restore(step.abstract_state()) if cfg.checkpoint.resume else None
-    batches = _activation_batches(cfg, model, tok, sites, train_docs, shards, shard_count)
+    batches = _activation_batches(
+        cfg, model, tok, sites, train_docs, shards, shard_count, shard_tokens
+    )
     if restored is not None:
         state, start = restored.state, int(restored.step)
         scalars = restored.extras["norm_scalars"]
@@ -228,15 +235,39 @@ def _tokens(cfg: RunConfig, tok, docs, *, epochs: int | None, seed_offset: int =
 
 
 def _stream(cfg, model, tok, sites, docs, batch_tokens, *, epochs, seed_offset=0, shard=None):
+    shard = shard or (jax.process_index(), jax.process_count())
     tokens = _tokens(cfg, tok, docs, epochs=epochs, seed_offset=seed_offset, shard=shard)
-    count = shard[1] if shard else jax.process_count()
     return ActivationStream(
         model,
         sites,
         tokens,
         batch_tokens=batch_tokens,
-        buffer_tokens=max(cfg.data.shuffle_buffer_tokens // count, batch_tokens),
+        buffer_tokens=max(cfg.data.shuffle_buffer_tokens // shard[1], batch_tokens),
         seed=cfg.data.seed + seed_offset,
+    )
+
+
+def _shard_batches(cfg, model, tok, sites, docs, shard, count, batch_tokens, seed_offset=0):
+    """Shard `shard`'s batches: its activation cache (which must exist) when the run has one,
+    else a live stream; `seed_offset` picks an independent order (1: the norm estimate)."""
+    if cfg.cache_dir is None:
+        return _stream(
+            cfg,
+            model,
+            tok,
+            sites,
+            docs,
+            batch_tokens,
+            epochs=None,
+            seed_offset=seed_offset,
+            shard=(shard, count),
+        )
+    return ActivationCacheReader(
+        _shard_cache(cfg, shard, count),
+        batch_tokens,
+        seed=cfg.data.seed + seed_offset,
+        num_epochs=None,
+        sites=sites,
     )
 
 
@@ -244,22 +275,15 @@ def _shard_cache(cfg: RunConfig, shard: int, count: int) -> Path:
     return cfg.cache_dir / f"shard_{shard}_of_{count}"
 
 
-def _activation_batches(cfg, model, tok, sites, docs, shards, count) -> ShardedBatches:
-    """The training batches of this process's data shards: each shard's activation cache
-    (built on first use) or live stream, concatenated in shard order."""
-    batch_tokens = cfg.train.batch_tokens // count
-    if cfg.cache_dir is None:
-        return ShardedBatches(
-            [
-                _stream(cfg, model, tok, sites, docs, batch_tokens, epochs=None, shard=(i, count))
-                for i in shards
-            ]
-        )
-    needed = math.ceil(cfg.train.steps * batch_tokens / cfg.data.epochs)
-    readers = []
-    for i in shards:
-        cache = _shard_cache(cfg, i, count)
-        if not _cache_ok(cache, sites, needed):
+def _activation_batches(cfg, model, tok, sites, docs, shards, count, batch_tokens):
+    """The training batches of this process's data shards (each shard's activation cache,
+    written on first use, or live stream), concatenated in shard order."""
+    if cfg.cache_dir is not None:
+        needed = math.ceil(cfg.train.steps * batch_tokens / cfg.data.epochs)
+        for i in shards:
+            cache = _shard_cache(cfg, i, count)
+            if _cache_ok(cache, sites, needed):
+                continue
             log.info("writing the activation cache (%d tokens) to %s", needed, cache)
             stream = _stream(
                 cfg, model, tok, sites, docs, batch_tokens, epochs=None, shard=(i, count)
@@ -272,12 +296,9 @@ def _activation_batches(cfg, model, tok, sites, docs, shards, count) -> ShardedB
                 max_tokens=needed,
                 overwrite=True,
             )
-        readers.append(
-            ActivationCacheReader(
-                cache, batch_tokens, seed=cfg.data.seed, num_epochs=None, sites=sites
-            )
-        )
-    return ShardedBatches(readers)
+    return ShardedBatches(
+        [_shard_batches(cfg, model, tok, sites, docs, i, count, batch_tokens) for i in shards]
+    )
 
 
 def _cache_ok(path: Path, sites, needed: int) -> bool:
@@ -299,31 +320,11 @@ def _norm_scalars(cfg, model, tok, sites, docs, shards, count, batch_tokens):
     n_batches = max(1, cfg.data.norm_tokens // (batch_tokens * count))
     per_shard, firsts = [], []
     for i in shards:
-        if cfg.cache_dir is not None:
-            stream = ActivationCacheReader(
-                _shard_cache(cfg, i, count),
-                batch_tokens,
-                seed=cfg.data.seed + 1,
-                num_epochs=None,
-                sites=sites,
-            )
-        else:
-            stream = _stream(
-                cfg,
-                model,
-                tok,
-                sites,
-                docs,
-                batch_tokens,
-                epochs=None,
-                seed_offset=1,
-                shard=(i, count),
-            )
+        stream = _shard_batches(cfg, model, tok, sites, docs, i, count, batch_tokens, 1)
         per_shard.append(estimate_norm_scalars(stream, n_batches))
         firsts.append(next(stream))
     scalars = combine_norm_scalars(per_shard)
-    first = next(ShardedBatches([iter([batch]) for batch in firsts]))
-    return scalars, normalize(first, scalars)
+    return scalars, normalize(concat_batches(firsts), scalars)
 
 
 def _global_batch(step, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
