@@ -15,12 +15,21 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmascope_jax.analysis.attribution import ReplacementModel, attribute, intervene
+from gemmascope_jax.analysis.attribution import (
+    ReplacementModel,
+    _ActiveFeatures,
+    _EdgeComputer,
+    attribute,
+    auto_batch_size,
+    intervene,
+)
 from gemmascope_jax.analysis.graph import partial_influence, prune_graph, write_graph_files
 from gemmascope_jax.analysis.replacement import _decoder_delta
+from gemmascope_jax.analysis.row_store import RowStore
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.formats import FormatError
@@ -213,6 +222,59 @@ def test_max_feature_nodes_keeps_most_influential(plt_built):
     col_index = np.concatenate([features, np.arange(full.n_features, full.n_nodes)])
     expected = full.adjacency_rows[row_index][:, col_index]
     np.testing.assert_allclose(small.adjacency_rows, expected, atol=1e-5)
+
+
+def test_rows_are_zero_outside_the_stored_reach(built):
+    """The RowStore keeps a target's row only over features/errors of earlier layers at
+    positions <= its own, and tokens up to it: every computed edge outside is exactly 0."""
+    rep, graph = built
+    feats = _ActiveFeatures.of(rep.codes)
+    store = RowStore(feats.layer, feats.pos, rep.num_layers, len(rep.tokens))
+    computer = _EdgeComputer(rep, feats, batch_size=8)
+    idx = np.random.default_rng(0).choice(feats.layer.size, size=7, replace=False)
+    vectors = jnp.concatenate(
+        [rep.encoder_vectors(int(feats.layer[i]), feats.latent[i : i + 1]) for i in idx]
+    )
+    table = rep.model.embed_tokens[...].astype(jnp.float32)
+    logit = table[graph.logit_tokens[:1]] - jnp.mean(table, axis=0)
+    layers = np.append(feats.layer[idx], rep.num_layers)
+    positions = np.append(feats.pos[idx], len(rep.tokens) - 1)
+    rows = computer.rows(layers, positions, jnp.concatenate([vectors, logit]))
+    for node, (layer, pos, row) in enumerate(zip(layers, positions, rows, strict=True)):
+        assert store.append(node, layer, pos, row)
+    every = np.arange(store.n_columns)
+    np.testing.assert_array_equal(store.columns(np.arange(len(rows)), every), rows)
+    assert store.nbytes < rows.nbytes
+
+
+def test_row_budget_and_float16_rows(plt_built):
+    rep, full = plt_built
+    n_columns = full.n_nodes - full.n_logits
+    budget = (full.n_logits + 20) * n_columns * 4
+    with pytest.warns(UserWarning, match="memory budget"):
+        small = attribute(rep, max_feature_nodes=200, update_interval=1,
+                          row_dtype="float32", row_memory_gb=budget / 2**30)  # fmt: skip
+    assert 20 <= small.n_features < 200
+    features = list(small.selected_features)
+    row_index = features + list(range(full.n_features, full.n_features + full.n_logits))
+    col_index = np.concatenate([features, np.arange(full.n_features, full.n_nodes)])
+    np.testing.assert_allclose(small.adjacency_rows, full.adjacency_rows[row_index][:, col_index],
+                               atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="logit rows need"):
+        attribute(rep, row_memory_gb=1e-9)
+    with pytest.raises(ValueError, match="row_dtype"):
+        attribute(rep, row_dtype="int8")
+
+    half = attribute(rep, row_dtype="float16")
+    np.testing.assert_array_equal(half.selected_features, full.selected_features)
+    bound = np.abs(full.adjacency_rows).max(axis=1, keepdims=True) * 2.0**-11
+    assert (np.abs(half.adjacency_rows - full.adjacency_rows) <= bound * 1.01).all()
+
+
+def test_auto_batch_size():
+    assert auto_batch_size(18, 64, 640) == 64
+    assert auto_batch_size(18, 2048, 640) == 8  # 270M at 2048 tokens: ~3.8 GiB of buffers
+    assert auto_batch_size(62, 32768, 5376) == 1
 
 
 def test_intervene_frozen_matches_edge_prediction(plt_built):

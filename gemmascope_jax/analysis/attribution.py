@@ -15,29 +15,33 @@ use the embedding the model adds (the row times sqrt(d_model)); circuit-tracer 0
 contracts the same gradient with the unscaled embedding row, so its token edges are ours
 divided by sqrt(d_model) (every other edge agrees; tests/test_attribution.py).
 
-Memory (as circuit-tracer): the computed rows, float32 [max_feature_nodes + K, N + (L+1) T + K]
-over all N active features (the influence ranking needs every column), plus about three
-gradient buffers [batch_size, L, T, d] per batch; `batch_size` trades the latter for speed.
+Memory: the computed rows over all N active features (the influence ranking needs every
+column), each kept only over the sources that can reach its target, in float32 or
+row-scaled float16, within a byte budget (`row_store.RowStore`: about half to a quarter of
+circuit-tracer's dense [max_feature_nodes + K, N + (L+1) T] float32 rows), plus about five
+gradient buffers [batch_size, L, T, d] per batch (`auto_batch_size` keeps them near 4 GiB).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmascope_jax.analysis.graph import AttributionGraph, partial_influence
+from gemmascope_jax.analysis.graph import AttributionGraph
 from gemmascope_jax.analysis.replacement import (
     ReplacementModel,
     intervene,
     linear_forward,
 )
+from gemmascope_jax.analysis.row_store import ROW_DTYPES, RowStore, available_memory_bytes
 
-__all__ = ["ReplacementModel", "attribute", "intervene", "select_logits"]
+__all__ = ["ReplacementModel", "attribute", "auto_batch_size", "intervene", "select_logits"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -193,15 +197,46 @@ def select_logits(logits: np.ndarray, max_n_logits: int = 10, desired_logit_prob
     return top, probs[top].astype(np.float32)
 
 
+def auto_batch_size(n_layers: int, n_pos: int, d_model: int, budget_bytes: int = 4 << 30):
+    """Targets per backward batch: a power of two <= 64 whose gradient buffers (about five
+    [L, T, d] float32 arrays per target, measured) stay within `budget_bytes`."""
+    per_target = 5 * n_layers * n_pos * d_model * 4
+    return int(2 ** np.clip(np.floor(np.log2(max(1, budget_bytes // per_target))), 0, 6))
+
+
+def _row_store(feats, rep, n_rows, n_logits, batch_size, row_dtype, row_memory_gb):
+    """The RowStore for `n_rows` rows: the budget is `row_memory_gb`, else 80% of the
+    available memory less the backward batch's buffers and the final adjacency; "auto"
+    stores float32 when even full-length rows would fit, else float16."""
+    n_layers, n_pos, d = rep.num_layers, len(rep.tokens), rep.embed.shape[-1]
+    n_columns = feats.layer.size + (n_layers + 1) * n_pos
+    if row_memory_gb is not None:
+        if row_memory_gb <= 0:
+            raise ValueError(f"row_memory_gb must be positive, got {row_memory_gb}")
+        budget = int(row_memory_gb * 2**30)
+    elif (available := available_memory_bytes()) is None:
+        budget = None
+    else:
+        adjacency = n_rows * (n_rows + (n_layers + 1) * n_pos + n_logits) * 4
+        buffers = 5 * batch_size * n_layers * n_pos * d * 4 + batch_size * n_columns * 4
+        budget = max(0, int(0.8 * available) - adjacency - buffers)
+    if row_dtype == "auto":
+        fits = budget is None or n_rows * n_columns * 4 <= budget
+        row_dtype = "float32" if fits else "float16"
+    return RowStore(feats.layer, feats.pos, n_layers, n_pos, dtype=row_dtype, budget_bytes=budget)
+
+
 def attribute(
     rep: ReplacementModel,
     *,
     targets: Sequence[int] | None = None,
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     max_feature_nodes: int | None = None,
     update_interval: int = 4,
+    row_dtype: str = "auto",
+    row_memory_gb: float | None = None,
     prompt: str | None = None,
     tokenizer=None,
     scan: str | None = None,
@@ -211,12 +246,17 @@ def attribute(
 
     tokenizer: decodes token strings for the graph file (ids are used without one).
     targets: logit token ids (default: `select_logits` of the last position).
+    batch_size: targets per backward pass (default `auto_batch_size`: 64 for short prompts,
+        8 at 2048 tokens on the 270M).
     max_feature_nodes: feature rows to compute; when fewer than the active features, they
         are visited in order of partial influence (recomputed every `update_interval`
         batches) and the others dropped from the graph.
+    row_dtype, row_memory_gb: storage of the rows (`row_store.RowStore`): "float32",
+        "float16" (row-scaled) or "auto" (float32 when it surely fits), within a budget
+        (default: what the available memory leaves). When the budget is full, no more
+        feature rows are computed: the graph keeps the features visited so far, with a
+        warning.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     logits = rep.logits[-1]
     if targets is None:
         logit_ids, logit_probs = select_logits(logits, max_n_logits, desired_logit_prob)
@@ -226,6 +266,8 @@ def attribute(
             raise ValueError(f"target token ids must be in 0..{logits.size - 1}, got {targets}")
         p = np.exp(logits - logits.max())
         logit_probs = (p / p.sum())[logit_ids].astype(np.float32)
+    if row_dtype not in ("auto", *ROW_DTYPES):
+        raise ValueError(f"row_dtype must be 'auto' or one of {ROW_DTYPES}, got {row_dtype!r}")
     table = rep.model.embed_tokens[...].astype(jnp.float32)
     logit_vectors = table[logit_ids] - jnp.mean(table, axis=0)
 
@@ -236,54 +278,72 @@ def attribute(
         rep.num_layers,
         len(logit_ids),
     )
+    if batch_size is None:
+        batch_size = auto_batch_size(n_layers, n_pos, rep.embed.shape[-1])
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     logit_offset = n_feat + (n_layers + 1) * n_pos
     total = logit_offset + n_logits
     max_feat = n_feat if max_feature_nodes is None else min(int(max_feature_nodes), n_feat)
-    edges = np.zeros((max_feat + n_logits, total), np.float32)
-    row_nodes = np.zeros(max_feat + n_logits, np.int64)
+    store = _row_store(feats, rep, max_feat + n_logits, n_logits, batch_size, row_dtype,
+                       row_memory_gb)  # fmt: skip
     computer = _EdgeComputer(rep, feats, batch_size)
     log = print if verbose else (lambda *a: None)
-    log(f"{n_feat} active features; computing {max_feat} feature rows + {n_logits} logit rows")
+    budget = "no limit" if store.budget_bytes is None else f"{store.budget_bytes / 2**30:.2f} GiB"
+    log(f"{n_feat} active features; computing {max_feat} feature rows + {n_logits} logit rows "
+        f"in batches of {batch_size}; rows stored as {store.dtype} within {budget}")  # fmt: skip
 
     for i in range(0, n_logits, batch_size):
         sl = slice(i, min(i + batch_size, n_logits))
         k = sl.stop - sl.start
-        edges[sl, :logit_offset] = computer.rows(
-            np.full(k, n_layers), np.full(k, n_pos - 1), logit_vectors[sl]
-        )
-        row_nodes[sl] = np.arange(sl.start, sl.stop) + logit_offset
+        rows = computer.rows(np.full(k, n_layers), np.full(k, n_pos - 1), logit_vectors[sl])
+        for j, row in zip(range(sl.start, sl.stop), rows, strict=True):
+            if not store.append(logit_offset + j, n_layers, n_pos - 1, row):
+                raise ValueError(
+                    f"row_memory_gb too small: the {n_logits} logit rows need "
+                    f"{n_logits * store.row_bytes(n_layers, n_pos - 1) / 2**30:.3f} GiB"
+                )
 
-    st, visited = n_logits, np.zeros(n_feat, bool)
-    while (n_visited := int(visited.sum())) < max_feat:
+    visited, full = np.zeros(n_feat, bool), False
+    while not full and (n_visited := int(visited.sum())) < max_feat:
         if max_feat == n_feat:
             pending = np.arange(n_feat)
         else:
-            influence = partial_influence(edges[:st], logit_probs, row_nodes[:st])
-            rank = np.argsort(-influence[:n_feat], kind="stable")
+            rank = np.argsort(-store.influence(logit_probs)[:n_feat], kind="stable")
             queue = min(update_interval * batch_size, max_feat - n_visited)
             pending = rank[~visited[rank]][:queue]
         for i in range(0, len(pending), batch_size):
             idx = pending[i : i + batch_size]
+            idx = idx[np.argsort(feats.layer[idx], kind="stable")]  # grouped by layer
             vectors = jnp.concatenate(
                 [
-                    rep.encoder_vectors(int(layer), feats.latent[idx][feats.layer[idx] == layer])
-                    for layer in np.unique(feats.layer[idx])
-                ]  # fmt: skip
+                    rep.encoder_vectors(int(x), feats.latent[idx][feats.layer[idx] == x])
+                    for x in np.unique(feats.layer[idx])
+                ]
             )
-            idx = np.concatenate(
-                [idx[feats.layer[idx] == layer] for layer in np.unique(feats.layer[idx])]
-            )
-            edges[st : st + len(idx), :logit_offset] = computer.rows(
-                feats.layer[idx], feats.pos[idx], vectors
-            )
-            row_nodes[st : st + len(idx)] = idx
-            visited[idx] = True
-            st += len(idx)
-        log(f"  {int(visited.sum())}/{max_feat} feature rows")
+            rows = computer.rows(feats.layer[idx], feats.pos[idx], vectors)
+            for node, row in zip(idx, rows, strict=True):
+                if not store.append(node, feats.layer[node], feats.pos[node], row):
+                    full = True
+                    break
+                visited[node] = True
+            if full:
+                break
+        log(f"  {int(visited.sum())}/{max_feat} feature rows ({store.nbytes / 2**30:.2f} GiB)")
+    if full:
+        warnings.warn(
+            f"attribution rows reached their memory budget "
+            f"({store.budget_bytes / 2**30:.2f} GiB) after {int(visited.sum())} of {max_feat} "
+            "feature rows; the graph keeps those (raise row_memory_gb, use "
+            "row_dtype='float16' or lower max_feature_nodes)",
+            stacklevel=2,
+        )
 
     selected = np.nonzero(visited)[0]
-    columns = np.concatenate([selected, np.arange(n_feat, total)])  # one copy: rows sorted
-    edges = edges[np.ix_(np.argsort(row_nodes, kind="stable"), columns)]
+    columns = np.concatenate([selected, np.arange(n_feat, total)])
+    order = np.argsort(store.nodes, kind="stable")  # features in graph order, then logits
+    adjacency = store.columns(order, columns)
+    del store
     return AttributionGraph(
         tokens=np.asarray(rep.tokens),
         token_strings=[_token_str(tokenizer, t) for t in rep.tokens],
@@ -293,7 +353,7 @@ def attribute(
         active_features=np.stack([feats.layer, feats.pos, feats.latent], axis=1),
         activation_values=feats.value,
         selected_features=selected,
-        adjacency_rows=edges,
+        adjacency_rows=adjacency,
         logit_tokens=np.asarray(logit_ids),
         logit_probabilities=np.asarray(logit_probs),
         scan=scan,
