@@ -1,7 +1,8 @@
 """Time and peak memory of an attribution graph on the real Gemma 3 270M (issue 7).
 
-    .venv/bin/python scripts/bench_attribution.py [--lengths 64 256 1024] [--width 4096]
-        [--active-per-token 45] [--max-feature-nodes 7500] [--batch-size 64] [--out r.json]
+    .venv/bin/python scripts/bench_attribution.py [--lengths 64 256 1024 2048] [--width 4096]
+        [--active-per-token 30] [--max-feature-nodes 7500] [--batch-size N] [--row-dtype auto]
+        [--row-memory-gb G] [--out r.json]
 
 Each prompt length runs in a fresh subprocess (`--child T`), so the peak resident memory of
 one graph is the child's high-water mark: the parent reads `getrusage(RUSAGE_CHILDREN)`
@@ -17,7 +18,10 @@ order) and the child reports its own `RUSAGE_SELF` too. A child:
    `ReplacementModel.build`, `attribute(max_feature_nodes=..., batch_size=...)` (compilation
    included) and `write_graph_files` (pruning + JSON, no PNG).
 
-`--max-feature-nodes` defaults to circuit-tracer's CLI default (7500).
+`--max-feature-nodes` defaults to circuit-tracer's CLI default (7500); `--batch-size`,
+`--row-dtype` and `--row-memory-gb` default to `attribute`'s own choices (by prompt length
+and available memory). Each row also reports the row store: its dtype, bytes, budget, and
+the bytes circuit-tracer's dense float32 rows would take for the same rows.
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ def child(args) -> dict:
     t1 = time.perf_counter()
     rep = ReplacementModel.build(model, transcoders, tokens)
     t2 = time.perf_counter()
-    graph = attribute(rep, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes)
+    graph = attribute(rep, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes,
+                      row_dtype=args.row_dtype, row_memory_gb=args.row_memory_gb)  # fmt: skip
     t3 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         write_graph_files(graph, tmp, slug="bench", png=False)
@@ -104,6 +109,12 @@ def child(args) -> dict:
         "build_s": round(t2 - t1, 1),
         "attribute_s": round(t3 - t2, 1),
         "prune_json_s": round(t4 - t3, 1),
+        "batch_size": graph.info["batch_size"],
+        "row_dtype": graph.info["row_dtype"],
+        "row_gib": graph.info["row_bytes"] / 2**30,
+        "row_budget_gib": (graph.info["row_budget_bytes"] or 0) / 2**30,
+        "dense_f32_row_gib": graph.info["dense_row_bytes"] / 2**30,
+        "truncated_by_budget": graph.info["truncated_by_budget"],
         "self_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
@@ -114,7 +125,9 @@ def main() -> int:
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--active-per-token", type=float, default=30.0)
     p.add_argument("--max-feature-nodes", type=int, default=7500)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--row-dtype", default="auto", choices=["auto", "float32", "float16"])
+    p.add_argument("--row-memory-gb", type=float, default=None)
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -125,7 +138,10 @@ def main() -> int:
     for length in sorted(args.lengths):
         cmd = [sys.executable, __file__, "--child", str(length), "--width", str(args.width),
                "--active-per-token", str(args.active_per_token), "--max-feature-nodes",
-               str(args.max_feature_nodes), "--batch-size", str(args.batch_size)]  # fmt: skip
+               str(args.max_feature_nodes), "--row-dtype", args.row_dtype]  # fmt: skip
+        for flag, value in (("--batch-size", args.batch_size),
+                            ("--row-memory-gb", args.row_memory_gb)):  # fmt: skip
+            cmd += [] if value is None else [flag, str(value)]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

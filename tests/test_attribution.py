@@ -347,3 +347,38 @@ def test_bad_transcoders_are_refused(tiny_model):
         ReplacementModel.build(tiny_model, _plt(n_layers=3), TOKENS)
     with pytest.raises(ValueError, match="tokens must be ids"):
         ReplacementModel.build(tiny_model, _plt(), np.array([2, 100000]))
+
+
+class _IdTokenizer:
+    """Prompts of space-separated ids (the tiny model has no real tokenizer)."""
+
+    def encode(self, text):
+        return [2, *(int(x) for x in text.split())]
+
+    def decode(self, ids):
+        return " ".join(f"t{i}" for i in ids)
+
+
+def test_cli_attribute(plt_built, tiny_model, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from gemmascope_jax.analysis import attribution_cli
+    from gemmascope_jax.gemma3 import loading
+
+    rep, graph = plt_built
+    save_transcoder_set(rep.transcoders, tmp_path / "tc", "gemma-scope-2")
+    monkeypatch.setattr(loading, "load_gemma3", lambda *a, **k: (tiny_model, _IdTokenizer()))
+    parser = argparse.ArgumentParser(prog="gemmascope-jax")
+    attribution_cli.add_attribute_parser(parser.add_subparsers(dest="command", required=True))
+    prompt = " ".join(str(t) for t in TOKENS[1:])
+    argv = ["attribute", prompt, "--transcoders", str(tmp_path / "tc"), "--out",
+            str(tmp_path / "out"), "--slug", "cli", "--row-dtype", "float16"]  # fmt: skip
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    doc = json.loads((tmp_path / "out" / "cli.json").read_text())
+    assert doc["metadata"]["prompt_tokens"][1] == f"t{TOKENS[1]}"
+    assert sum(n["feature_type"] == "logit" for n in doc["nodes"]) == graph.n_logits
+    assert (tmp_path / "out" / "cli.png").exists()
+    args = parser.parse_args([*argv, "--row-memory-gb", "1e-9"])
+    assert args.func(args) == 2
+    assert "logit rows need" in capsys.readouterr().err

@@ -343,6 +343,14 @@ def attribute(
     columns = np.concatenate([selected, np.arange(n_feat, total)])
     order = np.argsort(store.nodes, kind="stable")  # features in graph order, then logits
     adjacency = store.columns(order, columns)
+    info = {
+        "batch_size": batch_size,
+        "row_dtype": str(store.dtype),
+        "row_bytes": store.nbytes,
+        "row_budget_bytes": store.budget_bytes,
+        "dense_row_bytes": len(store) * store.n_columns * 4,
+        "truncated_by_budget": full,
+    }
     del store
     return AttributionGraph(
         tokens=np.asarray(rep.tokens),
@@ -357,6 +365,7 @@ def attribute(
         logit_tokens=np.asarray(logit_ids),
         logit_probabilities=np.asarray(logit_probs),
         scan=scan,
+        info=info,
     )
 
 

@@ -36,7 +36,26 @@ def add_attribute_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-n-logits", type=int, default=10)
     p.add_argument("--desired-logit-prob", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="targets per backward pass (default: by prompt length, gradient buffers ~4 GiB)",
+    )
+    p.add_argument(
+        "--row-dtype",
+        choices=["auto", "float32", "float16"],
+        default="auto",
+        help="storage of the edge rows (auto: float32 when it surely fits, else row-scaled "
+        "float16)",
+    )
+    p.add_argument(
+        "--row-memory-gb",
+        type=float,
+        default=None,
+        help="memory budget of the edge rows (default: 80%% of the available memory less the "
+        "batch buffers); when full, the graph keeps the features visited so far",
+    )
     p.set_defaults(func=run_attribute)
     return p
 
@@ -62,6 +81,8 @@ def run_attribute(args: argparse.Namespace) -> int:
             desired_logit_prob=args.desired_logit_prob,
             batch_size=args.batch_size,
             max_feature_nodes=args.max_feature_nodes,
+            row_dtype=args.row_dtype,
+            row_memory_gb=args.row_memory_gb,
             prompt=args.prompt,
             tokenizer=tok,
             scan=scan or Path(args.transcoders).name,

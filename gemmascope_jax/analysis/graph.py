@@ -32,7 +32,8 @@ class AttributionGraph:
     tokens [T]; token_strings [T] (decoded tokens); active_features [N, 3] (layer, pos,
     latent) of every active feature with activation_values [N]; selected_features [S]
     (indices into the active features that are graph nodes); adjacency_rows [S + K, n];
-    logit_tokens [K] with logit_probabilities [K] and logit_strings [K].
+    logit_tokens [K] with logit_probabilities [K] and logit_strings [K]; info: how it was
+    computed (batch size, row storage dtype, bytes and budget, whether the budget cut it).
     """
 
     tokens: np.ndarray
@@ -47,6 +48,7 @@ class AttributionGraph:
     logit_probabilities: np.ndarray
     logit_strings: list[str] | None = None
     scan: str | None = None
+    info: dict = dataclasses.field(default_factory=dict)
 
     @property
     def n_pos(self) -> int:
