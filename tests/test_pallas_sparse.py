@@ -14,6 +14,7 @@ from gemmascope_jax.dictionaries import activations as act_lib
 from gemmascope_jax.dictionaries.sparse import fire_counts, sparsify, topk_codes
 from gemmascope_jax.training.losses import LossConfig, dictionary_loss
 from pallas_kernels import IMPL_ENV, resolve_impl, sparse_decode, sparse_decode_single, use_impl
+from pallas_kernels.decode import ell_layout, sort_by_latent, xla_table_grad
 from pallas_kernels.gpu_kernel import gpu_gather_rows
 from pallas_kernels.tpu_kernel import tpu_gather_rows
 
@@ -149,13 +150,8 @@ def test_check_grads_and_single_layer():
     )
 
 
-def test_backward_never_forms_token_by_latent_arrays():
-    n_tokens, width, k = 16, 512, 2
-    values = jnp.ones((n_tokens, 1, k))
-    idx = jnp.zeros((n_tokens, 1, k), jnp.int32)
-    w = (jnp.ones((width, 1, 4)),)
-    grad = jax.grad(lambda v, b: sparse_decode(v, idx, b, impl="xla").sum(), argnums=(0, 1))
-    jaxpr = jax.make_jaxpr(grad)(values, w)
+def _largest_intermediate(fn, *args) -> int:
+    """The largest array size in the jaxpr of `fn(*args)`, sub-jaxprs (scan, while) included."""
 
     def sizes(jp):
         for eqn in jp.eqns:
@@ -164,7 +160,96 @@ def test_backward_never_forms_token_by_latent_arrays():
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 yield from sizes(sub)
 
-    assert max(sizes(jaxpr.jaxpr)) < n_tokens * width  # dW [F, D] yes, [T, F] never
+    return max(sizes(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+@pytest.mark.parametrize("n_tokens,width,n_layers,k", [(16, 512, 1, 2), (32, 64, 2, 8)])
+def test_backward_never_forms_token_by_latent_arrays(n_tokens, width, n_layers, k):
+    """The sort / ELL intermediates stay below T·F (the second case: ELL rows of M = 2 slots,
+    blocks of 128 overflow rows, each gathered to [128, R], bounded by ~2x dW, not by T·F);
+    a dense [T, F] code array fails the same check."""
+    values = jnp.ones((n_tokens, n_layers, k))
+    idx = jnp.zeros((n_tokens, n_layers, k), jnp.int32)
+    w = tuple(jnp.ones((width, n_layers - layer, 4)) for layer in range(n_layers))
+    grad = jax.grad(lambda v, b: sparse_decode(v, idx, b, impl="xla").sum(), argnums=(0, 1))
+    assert _largest_intermediate(grad, values, w) < n_tokens * width  # dW [F, D] yes, [T, F] no
+
+    def dense(v, b):
+        codes = jnp.zeros((n_tokens, n_layers, width)).at[..., 0].set(v.sum(-1))
+        return sum(
+            jnp.sum(codes[:, layer] @ b[layer].reshape(width, -1)) for layer in range(n_layers)
+        )
+
+    assert _largest_intermediate(jax.grad(dense, argnums=(0, 1)), values, w) >= n_tokens * width
+
+
+def _skewed_indices(kind, shape, rng):
+    """[T, L, K] latent ids: "hot" (latent 3 takes ~90% of the pairs), "one" (all on latent
+    5), "each_once" (every latent exactly once per layer, T·K = F) or "uniform"."""
+    if kind == "hot":
+        return np.where(rng.random(shape) < 0.9, 3, rng.integers(0, F, shape)).astype(np.int32)
+    if kind == "one":
+        return np.full(shape, 5, np.int32)
+    if kind == "each_once":
+        perms = [rng.permutation(F).reshape(shape[0], shape[2]) for _ in range(shape[1])]
+        return np.stack(perms, axis=1).astype(np.int32)
+    return rng.integers(0, F, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    "kind,shape",
+    [
+        ("hot", (24, 2, 5)),
+        ("one", (24, 2, 5)),
+        ("each_once", (7, 2, 1)),
+        ("uniform", (24, 2, 5)),
+        ("uniform", (1, 2, 1)),
+    ],
+)
+def test_decoder_grad_skewed_latents_matches_float64_reference(kind, shape):
+    """d(W_dec) when one latent spills over many overflow ELL rows (T·K = 120 pairs per layer,
+    M = 8), all pairs share one latent, each latent is used once (T·K = F), or there is a
+    single pair (no overflow rows at all)."""
+    rng = np.random.default_rng(7)
+    n_tokens, n_layers, k = shape
+    values = rng.standard_normal((n_tokens, n_layers, k))
+    indices = _skewed_indices(kind, (n_tokens, n_layers, k), rng)
+    blocks = [rng.standard_normal((F, n_layers - layer, D)) for layer in range(n_layers)]
+    cot = rng.standard_normal((n_tokens, n_layers, D))
+    _, want_dv, want_db = _reference(values, indices, blocks, cot)
+    _, (d_values, d_blocks) = _run(values, indices, blocks, cot, "xla", jnp.float32)
+    assert _rel(d_values, want_dv) <= 1e-5
+    for got, ref in zip(d_blocks, want_db, strict=True):
+        assert _rel(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["hot", "one", "each_once", "uniform"])
+@pytest.mark.parametrize("width,block", [(1, 1), (3, 4), (8, 512)])
+def test_ell_table_grad_matches_scatter(kind, width, block):
+    """`ell_layout` + `xla_table_grad` at explicit ELL widths and overflow block sizes (several
+    loop steps, a partly used last block) against a float64 scatter-add."""
+    rng = np.random.default_rng(11)
+    n_tokens, k = (7, 1) if kind == "each_once" else (13, 3)
+    values = rng.standard_normal((n_tokens, k))
+    indices = _skewed_indices(kind, (n_tokens, 1, k), rng)[:, 0]
+    g = rng.standard_normal((n_tokens, 14))  # d_table reads its last 10 columns
+    want = np.zeros((F, 10))
+    np.add.at(want, indices.reshape(-1), (values[..., None] * g[:, None, 4:]).reshape(-1, 10))
+    ell = ell_layout(jnp.asarray(values, jnp.float32), jnp.asarray(indices), F, width, block)
+    assert ell[0].shape == (F + -(-((n_tokens * k - 1) // width) // block) * block, width)
+    got = xla_table_grad(*ell, jnp.asarray(g, jnp.float32), 10, block)
+    assert _rel(got, want) <= 1e-5
+
+
+def test_sort_by_latent_both_paths_are_stable():
+    """The packed uint32 key sort and the argsort fallback (latent·n would not fit) agree with
+    numpy's stable argsort."""
+    latents = np.random.default_rng(2).integers(0, 5, 200).astype(np.int32)
+    order = np.argsort(latents, kind="stable")
+    for n_latents in (5, 2**30):
+        got_sorted, got_order = sort_by_latent(jnp.asarray(latents), n_latents)
+        np.testing.assert_array_equal(np.asarray(got_order), order)
+        np.testing.assert_array_equal(np.asarray(got_sorted), latents[order])
 
 
 def test_bad_inputs_raise():
