@@ -114,29 +114,11 @@ def _influence(norm_rows: np.ndarray, row_nodes: np.ndarray, weights: np.ndarray
 def partial_influence(rows: np.ndarray, logit_probs: np.ndarray, row_nodes: np.ndarray):
     """Influence of every node from the rows computed so far (circuit-tracer's
     `compute_partial_influences`): rows [R, n] with node indices row_nodes [R]; the last
-    len(logit_probs) columns are the logits. Works through `rows` in blocks of rows, so it
-    never holds a normalised copy of all of them."""
+    len(logit_probs) columns are the logits. `row_store.RowStore.influence` computes the same
+    from the compact rows `attribute` keeps."""
     weights = np.zeros(rows.shape[1], np.float32)
     weights[-len(logit_probs) :] = logit_probs
-    block = max(1, (1 << 26) // max(1, rows.shape[1]))  # ~256 MiB of |rows| at a time
-    starts = range(0, len(rows), block)
-    sums = np.concatenate([np.abs(rows[i : i + block]).sum(axis=1) for i in starts])
-    inverse_sums = (1.0 / np.maximum(sums, 1e-8)).astype(np.float32)
-
-    def step(current: np.ndarray) -> np.ndarray:
-        scaled, out = current[row_nodes] * inverse_sums, np.zeros(rows.shape[1], np.float32)
-        for i in starts:
-            out += scaled[i : i + block] @ np.abs(rows[i : i + block])
-        return out
-
-    current = step(weights)
-    influence = current.copy()
-    for _ in range(128):
-        if not current.any():
-            return influence
-        current = step(current)
-        influence += current
-    raise RuntimeError("influence did not converge in 128 iterations (not a DAG?)")
+    return _influence(_normalized(rows), row_nodes, weights)
 
 
 def _find_threshold(scores: np.ndarray, threshold: float, total_size: int | None = None):
