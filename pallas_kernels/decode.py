@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,7 @@ import numpy as np
 
 IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
 IMPL_ENV = "GEMMASCOPE_SPARSE_IMPL"
+DATA_AXIS, MODEL_AXIS = "data", "model"  # gemmascope_jax.sharding.MESH_AXES
 _DEFAULT_FOR_BACKEND = {"cpu": "xla", "tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 _forced: list[str] = []
 
@@ -276,100 +278,214 @@ def xla_table_grad(ell_values, ell_tokens, over_latent, g, n_cols: int, block: i
     return jax.lax.fori_loop(0, n_blocks, add_block, d_table)
 
 
-def _layer_forward(impl: str):
-    if impl == "xla":
-        return xla_gather_rows
+def _tpu_fallback(n_active: int, n_cols: int, dtype, what: str) -> bool:
+    """True (after a warning) when the Pallas TPU kernels cannot run this shape."""
+    from pallas_kernels.tpu_kernel import default_tiles, tpu_unsupported
+
+    why = tpu_unsupported(n_active, n_cols, dtype, default_tiles())
+    if why:
+        warnings.warn(
+            f"sparse decode {what}: Pallas TPU kernel skipped, XLA used: {why}", stacklevel=3
+        )
+    return bool(why)
+
+
+def _gather_rows(impl: str, values, indices, table):
+    """One source layer's forward with `impl` ([T, K] x [F, R] -> [T, R] float32)."""
     if impl == "pallas_tpu":
         from pallas_kernels.tpu_kernel import tpu_gather_rows
 
-        return tpu_gather_rows
-    from pallas_kernels.gpu_kernel import gpu_gather_rows
+        if not _tpu_fallback(values.shape[1], table.shape[1], table.dtype, "forward"):
+            return tpu_gather_rows(values, indices, table)
+        return xla_gather_rows(values, indices, table)
+    if impl == "pallas_gpu":
+        from pallas_kernels.gpu_kernel import gpu_gather_rows
 
-    return gpu_gather_rows
+        return gpu_gather_rows(values, indices, table)
+    return xla_gather_rows(values, indices, table)
 
 
 def _forward(values, indices, blocks, impl):
     """values/indices [T, L, K] -> out [T, L, D] float32."""
     n_tokens, n_layers, _ = values.shape
     d_out = blocks[0].shape[-1]
-    gather_rows = _layer_forward(impl)
     values, indices = jax.lax.optimization_barrier((values, indices))  # as in _backward
     out = jnp.zeros((n_tokens, n_layers, d_out), jnp.float32)
     for layer, block in enumerate(blocks):
         table = block.reshape(block.shape[0], -1)
-        part = gather_rows(values[:, layer], indices[:, layer], table)
+        part = _gather_rows(impl, values[:, layer], indices[:, layer], table)
         out = out.at[:, layer:].add(part.reshape(n_tokens, n_layers - layer, d_out))
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _decode(values, indices, blocks, impl):
-    return _forward(values, indices, blocks, impl).astype(values.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _decode(values, indices, blocks, impl, out_dtype):
+    return _forward(values, indices, blocks, impl).astype(out_dtype)
 
 
-def _decode_fwd(values, indices, blocks, impl):
-    return _decode(values, indices, blocks, impl), (values, indices, blocks)
+def _decode_fwd(values, indices, blocks, impl, out_dtype):
+    return _decode(values, indices, blocks, impl, out_dtype), (values, indices, blocks)
 
 
-@jax.jit
-def _backward(values, indices, blocks, g):
+def _ell(values, indices, n_latents):
+    """`ell_layout` of every source layer (one batched sort) and its overflow block size."""
+    n_pairs = values.shape[0] * values.shape[2]  # per layer
+    width = ell_width(n_pairs, n_latents)
+    over_block = min(OVERFLOW_BLOCK, max(n_pairs // width, 1))
+    layout = functools.partial(ell_layout, n_latents=n_latents, width=width, block=over_block)
+    return jax.vmap(layout, in_axes=1)(values, indices), over_block
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _backward(values, indices, blocks, g, impl="xla"):
     n_tokens, n_layers, _ = values.shape
     n_latents = blocks[0].shape[0]
     # The barrier keeps XLA from fusing the producers of g / values (the rest of the
     # model's backward) into the gather loops, where they would be recomputed per element
     # (measured 3x slower CLT train steps on CPU without it).
     values, indices, g = jax.lax.optimization_barrier((values, indices, g.astype(jnp.float32)))
-    n_pairs = n_tokens * values.shape[2]  # per layer
-    width = ell_width(n_pairs, n_latents)
-    over_block = min(OVERFLOW_BLOCK, max(n_pairs // width, 1))
-    layout = functools.partial(ell_layout, n_latents=n_latents, width=width, block=over_block)
-    ell = jax.vmap(layout, in_axes=1)(values, indices)  # one batched sort for all layers
+    ell, over_block = _ell(values, indices, n_latents)
     d_values, d_blocks = [], []
     g_rows = g.reshape(n_tokens, -1)  # [T, L·D]; layer l's R = (L - l)·D are the last
     for layer, block in enumerate(blocks):
-        d_values.append(xla_row_dots(indices[:, layer], block, g))
         n_cols = (n_layers - layer) * block.shape[-1]
-        d_table = xla_table_grad(*(a[layer] for a in ell), g_rows, n_cols, over_block)
+        ell_l = tuple(a[layer] for a in ell)
+        tpu = impl == "pallas_tpu" and not _tpu_fallback(
+            values.shape[2], n_cols, jnp.float32, "backward"
+        )
+        if tpu:
+            dv, d_table = _tpu_layer_grads(indices[:, layer], block, g_rows, ell_l)
+        else:
+            dv = xla_row_dots(indices[:, layer], block, g)
+            d_table = xla_table_grad(*ell_l, g_rows, n_cols, over_block)
+        d_values.append(dv)
         d_blocks.append(d_table.reshape(block.shape).astype(block.dtype))
     d_values = jnp.stack(d_values, axis=1).astype(values.dtype)
     return d_values, tuple(d_blocks)
 
 
-def _decode_bwd(impl, residuals, g):
-    d_values, d_blocks = _backward(*residuals, g)
+def _tpu_layer_grads(indices, block, g_rows, ell):
+    """One source layer's (d_values [T, K], d_table [F, R]) with the Pallas TPU kernels.
+
+    d_values: gathered row dots against g's window of the layer's output layers. d_table:
+    the forward's row gather over the latent-sorted ELL rows, reading rows of g (row f =
+    latent f); the overflow rows are gathered the same way and scatter-added into their
+    (sorted) latents, a plain XLA scatter of a kernel output (nothing fused into it, so no
+    scoped-VMEM blow-up; the fused XLA version needed 27 MiB of a 16 MiB limit on v5p)."""
+    from pallas_kernels.tpu_kernel import tpu_gather_rows, tpu_row_dots
+
+    n_latents, n_out, d_out = block.shape
+    offset = g_rows.shape[1] - n_out * d_out
+    table = block.reshape(n_latents, -1)
+    d_values = tpu_row_dots(indices, table, g_rows, g_offset=offset)
+    ell_values, ell_tokens, over_latent = ell
+    d_table = tpu_gather_rows(
+        ell_values[:n_latents], ell_tokens[:n_latents], g_rows, col_offset=offset
+    )
+    if over_latent.shape[0]:
+        over = tpu_gather_rows(
+            ell_values[n_latents:], ell_tokens[n_latents:], g_rows, col_offset=offset
+        )
+        d_table = d_table.at[over_latent].add(over, mode="drop", indices_are_sorted=True)
+    return d_values, d_table
+
+
+def _decode_bwd(impl, out_dtype, residuals, g):
+    d_values, d_blocks = _backward(*residuals, g, impl)
     return d_values, None, d_blocks
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
-_jitted_decode = jax.jit(_decode, static_argnums=(3,))
+_jitted_decode = jax.jit(_decode, static_argnums=(3, 4))
+
+
+# ---- latent-sharded decoders ------------------------------------------------------------------
+
+
+def _model_axis(mesh, n_latents: int) -> int:
+    """Size of the mesh's `model` axis when the decoder's latents can be split over it."""
+    if mesh is None or mesh.empty or MODEL_AXIS not in mesh.axis_names:
+        return 1
+    size = mesh.shape[MODEL_AXIS]
+    return size if size > 1 and n_latents % size == 0 else 1
+
+
+def _sharded_decode(values, indices, blocks, impl, out_dtype, mesh):
+    """`_decode` per latent shard: `shard_map` over `model` (and `data` on the token axis when
+    it divides), each device gathering only its own decoder rows, then a float32 `psum` over
+    `model`. Pairs whose latent lives on another shard get value 0 (index clipped to 0), so
+    no device ever holds the whole decoder; the custom VJP runs per shard too, and
+    shard_map's transpose sums the values gradient over `model`."""
+    data = DATA_AXIS if DATA_AXIS in mesh.axis_names else None
+    if data is not None and values.shape[0] % mesh.shape[data]:
+        data = None
+    token_spec = jax.sharding.PartitionSpec(data, None, None)
+    block_spec = jax.sharding.PartitionSpec(MODEL_AXIS, None, None)
+
+    def per_shard(values, indices, blocks):
+        if data is not None:  # each data shard's decoder gradient is summed over `data`
+            blocks = jax.lax.pcast(blocks, data, to="varying")
+        local_width = blocks[0].shape[0]
+        local = indices - jax.lax.axis_index(MODEL_AXIS) * local_width
+        mine = (local >= 0) & (local < local_width)
+        values = jnp.where(mine, values, jnp.zeros_like(values))
+        local = jnp.where(mine, local, 0)
+        part = _decode(values, local, blocks, impl, jnp.float32)
+        return jax.lax.psum(part, MODEL_AXIS)
+
+    out = jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(token_spec, token_spec, tuple(block_spec for _ in blocks)),
+        out_specs=token_spec,
+    )(values, indices, tuple(blocks))
+    return out.astype(out_dtype)
 
 
 # ---- public API -------------------------------------------------------------------------------
 
 
 def sparse_decode(
-    values: jax.Array, indices: jax.Array, w_dec_blocks, *, impl: str | None = None
+    values: jax.Array,
+    indices: jax.Array,
+    w_dec_blocks,
+    *,
+    impl: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
 ) -> jax.Array:
     """Causal sparse decode: values/indices [..., L, K], blocks[l] [F, L - l, D] -> [..., L, D].
 
     Output dtype: the result type of values and blocks (accumulated in float32). No bias or
     skip term. Differentiable in values and blocks (see the module docstring).
+
+    mesh: when it has a `model` axis of size > 1 that divides F (default: the mesh set by
+    `jax.set_mesh`, which `TrainStep` sets while tracing), the decoder is taken as sharded
+    over latents on `model` and the op runs per shard (`_sharded_decode`).
     """
     blocks = tuple(jnp.asarray(b) for b in w_dec_blocks)
     values, indices = jnp.asarray(values), jnp.asarray(indices)
-    n_layers, _, d_out = check_inputs(values, indices, blocks)
+    n_layers, width, d_out = check_inputs(values, indices, blocks)
     impl = resolve_impl(impl)
     dtype = jnp.result_type(values.dtype, *(b.dtype for b in blocks))
     lead = values.shape[:-2]
     flat_v = values.reshape(-1, *values.shape[-2:]).astype(dtype)
     flat_i = indices.reshape(-1, *indices.shape[-2:]).astype(jnp.int32)
     blocks = tuple(b.astype(dtype) for b in blocks)
-    out = _jitted_decode(flat_v, flat_i, blocks, impl)
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if _model_axis(mesh, width) > 1:
+        out = _sharded_decode(flat_v, flat_i, blocks, impl, dtype, mesh)
+    else:
+        out = _jitted_decode(flat_v, flat_i, blocks, impl, dtype)
     return out.reshape(*lead, n_layers, d_out)
 
 
 def sparse_decode_single(
-    values: jax.Array, indices: jax.Array, w_dec: jax.Array, *, impl: str | None = None
+    values: jax.Array,
+    indices: jax.Array,
+    w_dec: jax.Array,
+    *,
+    impl: str | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
 ) -> jax.Array:
     """Single-layer decode: values/indices [..., K], w_dec [F, D] -> [..., D] (L = 1)."""
     w_dec = jnp.asarray(w_dec)
@@ -381,6 +497,6 @@ def sparse_decode_single(
             f"expected values/indices [..., K] alike, got {values.shape}, {indices.shape}"
         )
     out = sparse_decode(
-        values[..., None, :], indices[..., None, :], (w_dec[:, None, :],), impl=impl
+        values[..., None, :], indices[..., None, :], (w_dec[:, None, :],), impl=impl, mesh=mesh
     )
     return out[..., 0, :]

@@ -1,58 +1,125 @@
-"""Pallas TPU (Mosaic) row-gather kernel: `out[t] = Σ_k values[t, k] · table[indices[t, k]]`.
+"""Pallas TPU (Mosaic) kernels of the sparse decode: a row gather (forward, and the decoder
+gradient over latent-sorted rows) and gathered row dots (the values gradient).
 
-Shapes: values/indices [T, K], table [F, R] (one source layer's causal decoder block seen as
-rows of R = (L - l)·D), out [T, R] float32.
+    tpu_gather_rows(values, indices, table)   out[t] = Σ_k values[t, k] · table[indices[t, k]]
+    tpu_row_dots(indices, table, g)           out[t, k] = ⟨table[indices[t, k]], g[t]⟩
 
-Layout (REFERENCE §6.1, §6.2; the Pallas TPU scalar-prefetch / paged-attention pattern):
-the indices are scalar-prefetched into SMEM (`pltpu.PrefetchScalarGridSpec`) and drive the
-DMA of decoder rows; the table stays in HBM (`memory_space=pl.ANY`). The grid is
-(token tiles of `TOKEN_TILE`, column tiles of R). Each step starts one async copy per
-(token, k) of the row slice `table[indices[t, k], cols]` into a VMEM scratch [TT, K, tR],
-waits for all of them, then reduces each token's K rows with a [1, K] x [K, tR] MXU dot in
-float32. In-kernel vector indexing of VMEM refs is avoided (Mosaic rejects it, jax #39366).
-Every output block is written exactly once (no revisits).
+Shapes: values/indices [T, K], table [F, C] (a source layer's causal decoder block seen as
+rows, or the output cotangent [T, L·D] read as rows by the decoder gradient), out [T, R]
+float32 / [T, K] float32. Both kernels read a column window `col_offset .. col_offset + R`
+of their [.., C] operand, so a layer's slice of g is never copied.
 
-SMEM holds T·K int32 indices, so very large token counts should be split by the caller
-(`sparse_decode` is per source layer already). Tested on CPU with the TPU-faithful
-interpreter `pltpu.InterpretParams()` (out-of-bounds reads raise, uninitialised memory is
-NaN); a compile on a real TPU has not been run in this repository.
+Layout (the Pallas TPU scalar-prefetch / paged-attention pattern; docs/kernels.md): the
+indices are scalar-prefetched into SMEM (`pltpu.PrefetchScalarGridSpec`) and drive the DMA of
+rows; the table stays in HBM (`memory_space=pl.ANY`). The grid is (token tiles, column
+tiles). Each step starts one async copy per (token, k) of the row slice `table[idx, cols]`
+into a VMEM scratch [TT, K, tC], waits for all, then per token reduces the K rows on the MXU
+in float32: `[1, K] x [K, tC]` (gather) or `[1, tC] x [K, tC]ᵀ` (row dots, accumulated over
+the column tiles, which are the innermost, "arbitrary" grid axis: an output block is only
+revisited on consecutive steps). In-kernel vector indexing of VMEM refs is avoided (Mosaic
+rejects it, jax #39366).
+
+Tiles (`TpuTiles`) are parameters with per-generation defaults (`default_tiles`): the token
+tile, and the column tile as the largest multiple of 128 dividing the columns whose scratch
+fits a quarter of the generation's default scoped VMEM. Scalar prefetch is bounded by SMEM,
+so the callers split long token axes into calls of at most `max_prefetch` indices.
+`tpu_unsupported` says why a shape cannot run (the caller then falls back to XLA).
+
+Compiled for real TPU topologies (v5e, v5p) by `tests/test_tpu_compile.py` through libtpu's
+AOT compiler; on CPU the kernels run in the TPU-faithful interpreter
+`pltpu.InterpretParams()` (out-of-bounds reads raise, uninitialised memory is NaN).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-TOKEN_TILE = 8
-MAX_COL_TILE = 2048
+LANES = 128
+MiB = 1 << 20
+# Default scoped-VMEM limit per generation (what XLA:TPU grants a kernel without an explicit
+# `vmem_limit_bytes`; the v5 figure is the limit libtpu 0.0.42 reported in a
+# CompileTimeScopedVmemOom for v5p). Scratch is kept to a quarter of it (double-buffered
+# operand and output blocks live there too).
+SCOPED_VMEM = {"v4": 16 * MiB, "v5e": 16 * MiB, "v5p": 16 * MiB, "v6e": 32 * MiB}
 
 
-def column_tile(n_cols: int) -> int:
-    """Largest multiple of 128 dividing `n_cols` and <= MAX_COL_TILE; all of it otherwise."""
-    if n_cols <= MAX_COL_TILE:
-        return n_cols
-    for tile in range(MAX_COL_TILE, 127, -128):
-        if n_cols % tile == 0:
-            return tile
-    return n_cols
+@dataclasses.dataclass(frozen=True)
+class TpuTiles:
+    """token_tile: tokens per grid step (multiple of 8, the sublane count); vmem_budget:
+    bytes of VMEM scratch a step may use (sets the column tile); max_prefetch: indices
+    scalar-prefetched into SMEM per call (longer token axes are split into calls)."""
+
+    token_tile: int = 8
+    vmem_budget: int = 4 * MiB
+    max_prefetch: int = 1 << 17
+
+    def __post_init__(self):
+        if self.token_tile < 8 or self.token_tile % 8:
+            raise ValueError(f"token_tile must be a positive multiple of 8, got {self.token_tile}")
+        if self.vmem_budget < LANES * 4 * 8 or self.max_prefetch < self.token_tile:
+            raise ValueError(f"tiles too small: {self}")
 
 
-def _kernel(idx_ref, val_ref, table_hbm, *rest, n_active: int, col_tile: int):
-    out_ref, rows, sem = rest[-3:]  # rest[0] is the aliased poison buffer when present
-    tile, col = pl.program_id(0), pl.program_id(1) * col_tile
+def generation(device_kind: str) -> str:
+    """'v4', 'v5e', 'v5p', 'v6e' from a TPU `device_kind` ('TPU v5 lite', 'TPU v5p', ...)."""
+    kind = device_kind.lower()
+    if "v6" in kind:
+        return "v6e"
+    if "v5" in kind:
+        return "v5e" if ("lite" in kind or "v5e" in kind) else "v5p"
+    return "v4"
+
+
+def default_tiles(device_kind: str | None = None) -> TpuTiles:
+    """Per-generation defaults: scratch within a quarter of the scoped VMEM (v6e: twice the
+    v4/v5 budget, so twice the column tile); 8 tokens per step everywhere."""
+    if device_kind is None:
+        device = jax.devices()[0]
+        device_kind = device.device_kind if device.platform == "tpu" else "TPU v5p"
+    return TpuTiles(vmem_budget=SCOPED_VMEM[generation(device_kind)] // 4)
+
+
+def column_tile(n_cols: int, n_active: int, itemsize: int, tiles: TpuTiles) -> int | None:
+    """Largest multiple of 128 dividing `n_cols` whose scratch [TT, K, tile] fits the VMEM
+    budget; `n_cols` itself when it is narrower than 128 and fits; None when nothing fits."""
+    row_bytes = tiles.token_tile * n_active * itemsize
+    if n_cols % LANES:
+        return n_cols if n_cols < LANES and n_cols * row_bytes <= tiles.vmem_budget else None
+    best = None
+    for tile in range(LANES, n_cols + 1, LANES):
+        if n_cols % tile == 0 and tile * row_bytes <= tiles.vmem_budget:
+            best = tile
+    return best
+
+
+def tpu_unsupported(n_active: int, n_cols: int, dtype, tiles: TpuTiles) -> str:
+    """Why the kernels cannot run this shape ('' when they can)."""
+    if column_tile(n_cols, n_active, jnp.dtype(dtype).itemsize, tiles) is None:
+        return (
+            f"no column tile: {n_cols} columns are not a multiple of {LANES} (or a [TT, K, "
+            f"tile] scratch with K={n_active} exceeds the VMEM budget {tiles.vmem_budget} B)"
+        )
+    return ""
+
+
+def _gather_to_vmem(idx_ref, table_hbm, rows, sem, *, first, n_active, token_tile, col, width):
+    """DMA `table[idx[first + j], col : col + width]` for j < TT·K into rows [TT, K, width]."""
 
     def copy(j):
         t, k = j // n_active, j % n_active
-        row = idx_ref[(tile * TOKEN_TILE + t) * n_active + k]
+        row = idx_ref[first + t * n_active + k]
         return pltpu.make_async_copy(
-            table_hbm.at[pl.ds(row, 1), pl.ds(col, col_tile)], rows.at[t, pl.ds(k, 1)], sem
+            table_hbm.at[pl.ds(row, 1), pl.ds(col, width)], rows.at[t, pl.ds(k, 1)], sem
         )
 
-    n_copies = TOKEN_TILE * n_active
+    n_copies = token_tile * n_active
 
     @pl.loop(0, n_copies)
     def _start(j):
@@ -62,43 +129,119 @@ def _kernel(idx_ref, val_ref, table_hbm, *rest, n_active: int, col_tile: int):
     def _wait(j):
         copy(j).wait()
 
-    for t in range(TOKEN_TILE):
-        weights = val_ref[pl.ds(t, 1), :]
+
+def _gather_kernel(idx_ref, val_ref, table_hbm, *rest, n_active, token_tile, col_tile, offset):
+    out_ref, rows, sem = rest[-3:]  # rest[0] is the aliased poison buffer when present
+    tile = pl.program_id(0)
+    _gather_to_vmem(
+        idx_ref,
+        table_hbm,
+        rows,
+        sem,
+        first=tile * token_tile * n_active,
+        n_active=n_active,
+        token_tile=token_tile,
+        col=offset + pl.program_id(1) * col_tile,
+        width=col_tile,
+    )
+    for t in range(token_tile):
         out_ref[pl.ds(t, 1), :] = jnp.dot(
-            weights,
+            val_ref[pl.ds(t, 1), :],
             rows[t],
             precision=jax.lax.Precision.HIGHEST,
             preferred_element_type=jnp.float32,
         )
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "poison"))
+def _row_dot_kernel(
+    idx_ref, g_ref, table_hbm, out_ref, rows, sem, *, n_active, token_tile, col_tile
+):  # noqa: E501
+    tile, c = pl.program_id(0), pl.program_id(1)
+    _gather_to_vmem(
+        idx_ref,
+        table_hbm,
+        rows,
+        sem,
+        first=tile * token_tile * n_active,
+        n_active=n_active,
+        token_tile=token_tile,
+        col=c * col_tile,
+        width=col_tile,
+    )
+
+    @pl.when(c == 0)
+    def _init():
+        out_ref[...] = jnp.zeros_like(out_ref)
+
+    for t in range(token_tile):
+        out_ref[pl.ds(t, 1), :] += jax.lax.dot_general(
+            g_ref[pl.ds(t, 1), :].astype(jnp.float32),
+            rows[t].astype(jnp.float32),
+            (((1,), (1,)), ((), ())),
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        )
+
+
+def _interpret(interpret: bool | None):
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    return pltpu.InterpretParams() if interpret else False
+
+
+def _token_chunks(n_tokens: int, n_active: int, tiles: TpuTiles):
+    """(start, stop) token ranges of at most `max_prefetch` indices, whole token tiles."""
+    per_call = max(tiles.token_tile, tiles.max_prefetch // n_active)
+    per_call -= per_call % tiles.token_tile
+    return [(s, min(s + per_call, n_tokens)) for s in range(0, n_tokens, per_call)]
+
+
+def _pad_tokens(a: jax.Array, tile: int) -> jax.Array:
+    return jnp.pad(a, ((0, -a.shape[0] % tile), (0, 0)))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("col_offset", "n_cols", "tiles", "interpret", "poison")
+)
 def tpu_gather_rows(
     values: jax.Array,
     indices: jax.Array,
     table: jax.Array,
     *,
+    col_offset: int = 0,
+    n_cols: int | None = None,
+    tiles: TpuTiles | None = None,
     interpret: bool | None = None,
     poison: bool = False,
 ) -> jax.Array:
-    """values/indices [T, K], table [F, R] -> [T, R] float32 (see the module docstring).
+    """values/indices [T, K], table [F, C] -> [T, R] float32, R = n_cols (default
+    C - col_offset): `Σ_k values[t, k] · table[indices[t, k], col_offset:col_offset + R]`.
 
     `interpret=None` runs natively on TPU and under `pltpu.InterpretParams()` elsewhere.
     `poison=True` aliases a NaN-filled buffer to the output, so rows the kernel fails to
-    write show up as NaN (a test hook).
-    """
+    write show up as NaN (a test hook)."""
+    tiles = tiles or default_tiles()
+    n_cols = table.shape[1] - col_offset if n_cols is None else n_cols
+    n_active = values.shape[1]
+    if why := tpu_unsupported(n_active, n_cols, table.dtype, tiles):
+        raise ValueError(f"tpu_gather_rows: {why}")
+    parts = [
+        _gather_call(values[a:b], indices[a:b], table, col_offset, n_cols, tiles, interpret, poison)
+        for a, b in _token_chunks(values.shape[0], n_active, tiles)
+    ]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _gather_call(values, indices, table, col_offset, n_cols, tiles, interpret, poison):
     n_tokens, n_active = values.shape
-    n_cols = table.shape[1]
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    pad = -n_tokens % TOKEN_TILE
-    values = jnp.pad(values.astype(table.dtype), ((0, pad), (0, 0)))
-    indices = jnp.pad(indices.astype(jnp.int32), ((0, pad), (0, 0)))
-    n_padded = n_tokens + pad
-    col_tile = column_tile(n_cols)
+    tt = tiles.token_tile
+    col_tile = column_tile(n_cols, n_active, table.dtype.itemsize, tiles)
+    values = _pad_tokens(values.astype(table.dtype), tt)
+    indices = _pad_tokens(indices.astype(jnp.int32), tt)
+    n_padded = values.shape[0]
     operands = [indices.reshape(-1), values, table]
     in_specs = [
-        pl.BlockSpec((TOKEN_TILE, n_active), lambda i, c, idx: (i, 0)),
+        pl.BlockSpec((tt, n_active), lambda i, c, idx: (i, 0)),
         pl.BlockSpec(memory_space=pl.ANY),
     ]
     aliases = {}
@@ -108,21 +251,86 @@ def tpu_gather_rows(
         aliases = {3: 0}
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
-        grid=(n_padded // TOKEN_TILE, n_cols // col_tile),
+        grid=(n_padded // tt, n_cols // col_tile),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((TOKEN_TILE, col_tile), lambda i, c, idx: (i, c)),
+        out_specs=pl.BlockSpec((tt, col_tile), lambda i, c, idx: (i, c)),
         scratch_shapes=[
-            pltpu.VMEM((TOKEN_TILE, n_active, col_tile), table.dtype),
+            pltpu.VMEM((tt, n_active, col_tile), table.dtype),
             pltpu.SemaphoreType.DMA(()),
         ],
     )
+    kernel = functools.partial(
+        _gather_kernel, n_active=n_active, token_tile=tt, col_tile=col_tile, offset=col_offset
+    )
     out = pl.pallas_call(
-        functools.partial(_kernel, n_active=n_active, col_tile=col_tile),
+        kernel,
         out_shape=jax.ShapeDtypeStruct((n_padded, n_cols), jnp.float32),
         grid_spec=grid_spec,
         input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=_interpret(interpret),
         name="sparse_decode_rows_tpu",
     )(*operands)
+    return out[:n_tokens]
+
+
+@functools.partial(jax.jit, static_argnames=("g_offset", "tiles", "interpret"))
+def tpu_row_dots(
+    indices: jax.Array,
+    table: jax.Array,
+    g: jax.Array,
+    *,
+    g_offset: int = 0,
+    tiles: TpuTiles | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """indices [T, K], table [F, R], g [T, C] -> [T, K] float32:
+    `⟨table[indices[t, k]], g[t, g_offset:g_offset + R]⟩` (the values gradient)."""
+    tiles = tiles or default_tiles()
+    n_active, n_cols = indices.shape[1], table.shape[1]
+    why = tpu_unsupported(n_active, n_cols, table.dtype, tiles)
+    if why or g_offset + n_cols > g.shape[1]:
+        raise ValueError(f"tpu_row_dots: {why or 'g is narrower than offset + columns'}")
+    parts = [
+        _row_dot_call(indices[a:b], table, g[a:b], g_offset, tiles, interpret)
+        for a, b in _token_chunks(indices.shape[0], n_active, tiles)
+    ]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _row_dot_call(indices, table, g, g_offset, tiles, interpret):
+    n_tokens, n_active = indices.shape
+    n_cols, tt = table.shape[1], tiles.token_tile
+    # A tile dividing both R and the offset reads g's window in place (for a CLT layer:
+    # gcd((L - l)·D, l·D) is a multiple of D); otherwise the window is sliced out once.
+    aligned = column_tile(math.gcd(n_cols, g_offset), n_active, table.dtype.itemsize, tiles)
+    if aligned is None or (aligned % LANES and aligned != g.shape[1]):
+        g, g_offset = g[:, g_offset : g_offset + n_cols], 0
+        aligned = column_tile(n_cols, n_active, table.dtype.itemsize, tiles)
+    col_tile, first_tile = aligned, g_offset // aligned
+    indices = _pad_tokens(indices.astype(jnp.int32), tt)
+    g = _pad_tokens(g, tt)
+    n_padded = indices.shape[0]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(n_padded // tt, n_cols // col_tile),
+        in_specs=[
+            pl.BlockSpec((tt, col_tile), lambda i, c, idx: (i, first_tile + c)),
+            pl.BlockSpec(memory_space=pl.ANY),
+        ],
+        out_specs=pl.BlockSpec((tt, n_active), lambda i, c, idx: (i, 0)),
+        scratch_shapes=[
+            pltpu.VMEM((tt, n_active, col_tile), table.dtype),
+            pltpu.SemaphoreType.DMA(()),
+        ],
+    )
+    kernel = functools.partial(_row_dot_kernel, n_active=n_active, token_tile=tt, col_tile=col_tile)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n_padded, n_active), jnp.float32),
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=_interpret(interpret),
+        name="sparse_decode_row_dots_tpu",
+    )(indices.reshape(-1), g, table)
     return out[:n_tokens]

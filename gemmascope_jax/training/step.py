@@ -313,7 +313,14 @@ class TrainStep:
     # ---- the step -----------------------------------------------------------------------------
 
     def step_fn(self, state: TrainState, batch: Mapping[str, jax.Array]):
-        """The un-jitted step: (state, batch) -> (new state, {name: metrics})."""
+        """The un-jitted step: (state, batch) -> (new state, {name: metrics}).
+
+        Traced under this step's mesh (`use_abstract_mesh`), so the sparse decode kernels
+        run per latent shard (`pallas_kernels.sparse_decode`: `shard_map` over `model`)."""
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return self._step(state, batch)
+
+    def _step(self, state: TrainState, batch: Mapping[str, jax.Array]):
 
         def loss_fn(params):
             total, metrics = 0.0, []
