@@ -1,5 +1,5 @@
-"""`gemmascope-jax` command line: `demo`, `train`, `convert`, `sites` (analysis verbs arrive
-with their issues)."""
+"""`gemmascope-jax` command line: `demo`, `train`, `plan`, `convert`, `sites` (analysis verbs
+arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """AOT-compile the run's step for a TPU topology; exit 0 fits, 1 does not, 2 bad input."""
+    import json
+
+    from gemmascope_jax.training.config import ConfigError, load_config
+    from gemmascope_jax.training.plan import PlanError, make_plan
+
+    fsdp = {"auto": None, "on": True, "off": False}[args.fsdp]
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = make_plan(cfg, args.topology, fsdp=fsdp)
+    except (ConfigError, PlanError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.describe())
+    if not plan.fits:
+        print(f"error: does not fit on {args.topology}: {plan.dominant()}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    return 0 if plan.fits else 1
+
+
 def _sites(args: argparse.Namespace) -> int:
     from gemmascope_jax.gemma3.config import preset
     from gemmascope_jax.gemma3.sites import valid_forms
@@ -138,6 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML run config (see configs/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     train.set_defaults(func=_train)
+    plan = sub.add_parser(
+        "plan", help="compile a config's train step for a TPU slice (no TPU needed): fits?"
+    )
+    plan.add_argument("config", help="YAML run config (see configs/)")
+    plan.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:2x2x1, v6e:2x2")
+    plan.add_argument("--json", action="store_true", help="last line: the plan as JSON")
+    plan.add_argument(
+        "--fsdp",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="shard the LM weights over data too (auto: when tensor parallelism is not enough)",
+    )
+    plan.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    plan.set_defaults(func=_plan)
     from gemmascope_jax.analysis.attribution_cli import add_attribute_parser
     from gemmascope_jax.analysis.chat_cli import (
         add_cot_parser,
@@ -160,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     sites = sub.add_parser("sites", help="list accepted activation-site names")
     sites.add_argument("--preset", default="270m")
     sites.set_defaults(func=_sites)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "plan" and not any(x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]  # key=value after --topology
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -4,6 +4,12 @@ Every parameter carries logical axis names (`('vocab', 'embed')`, `('embed', 'ml
 `LOGICAL_RULES` says which mesh axis (`data` or `model`) each name is split over. A dimension
 that the mesh axis does not divide stays replicated, so one rules table serves every model
 size and mesh shape.
+
+The frozen language model can also be sharded fully (FSDP) for models whose tensor-parallel
+slice is still too big for a chip: `lm_rules(fsdp=True)` is `LOGICAL_RULES` with the LM
+weights' `embed` (d_model) axis over `data` as well, for `load_gemma3(..., rules=...)` and
+`gemmascope-jax plan`. Dictionaries always use `LOGICAL_RULES` (their `embed` axis stays
+replicated; their latents go over `model`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,17 @@ LOGICAL_RULES: Mapping[str, str | None] = {
     "latents": "model",
     "layers": None,
 }
+
+
+# What `lm_rules(fsdp=True)` changes: the LM's d_model axis also goes over `data`.
+FSDP_LM_OVERRIDES: Mapping[str, str | None] = {"embed": "data"}
+
+
+def lm_rules(fsdp: bool = False) -> Mapping[str, str | None]:
+    """Rules for the language model's weights: `LOGICAL_RULES`, or with `fsdp` its d_model
+    axis split over `data` too (each weight [embed, x] -> (data, model) shards, gathered over
+    `data` where a layer uses it)."""
+    return {**LOGICAL_RULES, **FSDP_LM_OVERRIDES} if fsdp else LOGICAL_RULES
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
