@@ -18,15 +18,24 @@ the start of that chunk, and the read position in the chunk. `set_state` restore
 iterator to the chunk start, recomputes that one chunk (the forward passes are repeated, the
 buffer's RNG is derived from the chunk index) and continues at the exact next batch. The token
 iterator must have `get_state`/`set_state` (`PackedTokens` or any grain iterator).
+
+Device mode (`on_device=True`). The host still reads the tokens, so it computes the kept
+positions and the chunk permutation from them alone; the site arrays never leave the device.
+Each chunk's forward outputs are flattened once into `[rows, d]` float32 pools, and every
+training batch is one jitted gather of its permuted kept rows (at a chunk boundary, from the
+two chunks' pools), placed with `batch_sharding`. Same rows, same order, same bits as the host
+mode: gathering and casting are exact.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,6 +53,8 @@ class ActivationStream(grain.DatasetIterator):
         `forward(tokens, attention_mask)` and returning a `Gemma3Output` or a dict of sites.
     drop_remainder: at the end of a finite token stream, drop the last partial batch
         (default) or yield it with fewer rows.
+    on_device: keep the site arrays on the device and yield `jax.Array` batches (see the
+        module docstring); `batch_sharding` places full batches (e.g. tokens over `data`).
     """
 
     def __init__(
@@ -58,6 +69,8 @@ class ActivationStream(grain.DatasetIterator):
         drop_ids: Iterable[int] = (BOS_ID, PAD_ID),
         forward: Callable | None = None,
         drop_remainder: bool = True,
+        on_device: bool = False,
+        batch_sharding: jax.sharding.Sharding | None = None,
     ):
         super().__init__()
         self.sites = tuple(sites)
@@ -76,6 +89,11 @@ class ActivationStream(grain.DatasetIterator):
         self._buf: Batch = {}
         self._pos = 0
         self._exhausted = False
+        self.on_device = on_device
+        if on_device:
+            self._flatten = jax.jit(_flatten_outputs)
+            self._gather_full = jax.jit(_gather_rows, out_shardings=batch_sharding)
+            self._gather_partial = jax.jit(_gather_rows)
 
     # -- grain / orbax checkpoint API ----------------------------------------------------------
 
@@ -107,7 +125,7 @@ class ActivationStream(grain.DatasetIterator):
     # -- iteration -----------------------------------------------------------------------------
 
     def __next__(self) -> Batch:
-        pieces: list[Batch] = []
+        pieces: list[tuple[Any, int, int]] = []  # (chunk buffer, first row, end row)
         need = self.batch_tokens
         while need > 0:
             left = self._rows(self._buf) - self._pos
@@ -116,14 +134,27 @@ class ActivationStream(grain.DatasetIterator):
                     break
                 continue
             take = min(left, need)
-            pieces.append({s: a[self._pos : self._pos + take] for s, a in self._buf.items()})
+            pieces.append((self._buf, self._pos, self._pos + take))
             self._pos += take
             need -= take
         if need == self.batch_tokens or (need > 0 and self.drop_remainder):
             raise StopIteration
+        if self.on_device:
+            return self._gather(pieces, full=need == 0)
         if len(pieces) == 1:
-            return pieces[0]  # views into the buffer: every row is handed out once
-        return {s: np.concatenate([p[s] for p in pieces]) for s in self.sites}
+            buf, lo, hi = pieces[0]
+            return {s: a[lo:hi] for s, a in buf.items()}  # views: every row is handed out once
+        return {s: np.concatenate([buf[s][lo:hi] for buf, lo, hi in pieces]) for s in self.sites}
+
+    def _gather(self, pieces: list[tuple[_DeviceChunk, int, int]], *, full: bool) -> Batch:
+        """One jitted gather of the pieces' rows from their chunks' device pools."""
+        pools, index, offset = [], [], 0
+        for chunk, lo, hi in pieces:
+            pools.append(chunk.pool)
+            index.append(chunk.rows[lo:hi] + offset)
+            offset += chunk.pool_rows
+        gather = self._gather_full if full else self._gather_partial
+        return gather(tuple(pools), np.concatenate(index).astype(np.int32))
 
     def _next_chunk(self) -> bool:
         if self._exhausted:
@@ -136,7 +167,7 @@ class ActivationStream(grain.DatasetIterator):
         self._chunk, self._chunk_start, self._buf, self._pos = self._chunk + 1, start, buf, 0
         return True
 
-    def _fill_chunk(self, chunk: int) -> Batch | None:
+    def _fill_chunk(self, chunk: int) -> Batch | _DeviceChunk | None:
         """Read whole token batches until >= buffer_tokens kept tokens, run the model, permute."""
         batches, kept = [], 0
         while kept < self.buffer_tokens:
@@ -151,18 +182,22 @@ class ActivationStream(grain.DatasetIterator):
             kept += int(keep.sum())
         if kept == 0:
             return None
-        # Dispatch every forward first (JAX runs them asynchronously), then gather on the host.
+        # Dispatch every forward first (JAX runs them asynchronously), then gather.
         outs = [
             self.forward(jnp.asarray(t), None if m is None else jnp.asarray(m))
             for t, m, _ in batches
         ]
-        acts = {s: [] for s in self.sites}
-        for out, (_, _, keep) in zip(outs, batches, strict=True):
-            values = out.sites if hasattr(out, "sites") else out
-            for s in self.sites:
-                a = np.asarray(values[s], dtype=np.float32)
-                acts[s].append(a.reshape(-1, a.shape[-1])[keep.reshape(-1)])
+        values = [out.sites if hasattr(out, "sites") else out for out in outs]
         perm = np.random.default_rng([self.seed, chunk]).permutation(kept)
+        if self.on_device:
+            pool = self._flatten(tuple({s: v[s] for s in self.sites} for v in values))
+            rows = np.flatnonzero(np.concatenate([keep.reshape(-1) for _, _, keep in batches]))
+            return _DeviceChunk(pool, rows[perm])
+        acts = {s: [] for s in self.sites}
+        for v, (_, _, keep) in zip(values, batches, strict=True):
+            for s in self.sites:
+                a = np.asarray(v[s], dtype=np.float32)
+                acts[s].append(a.reshape(-1, a.shape[-1])[keep.reshape(-1)])
         return {s: np.concatenate(acts[s])[perm] for s in self.sites}
 
     def _token_state(self) -> Any:
@@ -170,11 +205,44 @@ class ActivationStream(grain.DatasetIterator):
         return copy.deepcopy(get()) if get is not None else None
 
     @staticmethod
-    def _rows(buf: Batch) -> int:
+    def _rows(buf: Batch | _DeviceChunk) -> int:
+        if isinstance(buf, _DeviceChunk):
+            return len(buf.rows)
         return len(next(iter(buf.values()))) if buf else 0
 
     def __repr__(self) -> str:
         return f"ActivationStream(sites={self.sites}, batch_tokens={self.batch_tokens})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _DeviceChunk:
+    """A chunk in device mode: `pool` {site: float32 [pool_rows, d]} holds every position of
+    the chunk's token batches; the chunk's rows, in order, are `pool[s][rows]`."""
+
+    pool: dict[str, jax.Array]
+    rows: np.ndarray  # int [kept]: kept positions, permuted
+
+    @property
+    def pool_rows(self) -> int:
+        return next(iter(self.pool.values())).shape[0]
+
+
+def _flatten_outputs(outs: tuple[dict[str, jax.Array], ...]) -> dict[str, jax.Array]:
+    """Per-batch sites [B, T, d] -> {site: float32 [sum B*T, d]}, batches concatenated."""
+    return {
+        s: jnp.concatenate([o[s].reshape(-1, o[s].shape[-1]).astype(jnp.float32) for o in outs])
+        for s in outs[0]
+    }
+
+
+def _gather_rows(pools: tuple[dict[str, jax.Array], ...], index: jax.Array) -> Batch:
+    """Rows `index` [n] of the chunks' pools concatenated in order -> {site: [n, d]}."""
+    return {
+        s: jnp.take(
+            jnp.concatenate([p[s] for p in pools]) if len(pools) > 1 else pools[0][s], index, axis=0
+        )
+        for s in pools[0]
+    }
 
 
 def _split_batch(item: Any) -> tuple[np.ndarray, np.ndarray | None]:

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Batch = dict[str, np.ndarray]
@@ -34,10 +35,13 @@ def local_shards(count: int | None) -> tuple[list[int], int]:
 
 
 def concat_batches(parts: Sequence[Batch]) -> Batch:
-    """Shard batches `{site: [tokens, ...]}` joined along tokens, in the given order."""
+    """Shard batches `{site: [tokens, ...]}` joined along tokens, in the given order; device
+    arrays (`jax.Array`) are joined on the device."""
     if len(parts) == 1:
         return parts[0]
-    return {site: np.concatenate([p[site] for p in parts]) for site in parts[0]}
+    on_device = isinstance(next(iter(parts[0].values())), jax.Array)
+    concat = jnp.concatenate if on_device else np.concatenate
+    return {site: concat([p[site] for p in parts]) for site in parts[0]}
 
 
 class ShardedBatches(Iterator[Batch]):
@@ -72,6 +76,13 @@ class ShardedBatches(Iterator[Batch]):
             )
         for it, s in zip(self.shards, states, strict=True):
             it.set_state(s)
+
+    def close(self) -> None:
+        """Close the shard iterators that hold resources (the cache reader's thread)."""
+        for it in self.shards:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
 
 def combine_norm_scalars(per_shard: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -1,10 +1,12 @@
 """The main job: `gemmascope-jax train CONFIG [key=value ...]` end to end.
 
-    text -> packed tokens (BOS first, this host's shard) -> jitted Gemma 3 forward returning
-    only the needed sites -> BOS/pad dropped -> shuffle buffer (or the on-disk activation
-    cache, written once and read for `data.epochs` epochs) -> per-site normalisation scalar
-    -> sharded train step of every dictionary -> metrics (JSONL, TensorBoard, tqdm), orbax
-    checkpoints (state + data-iterator position + scalars) every N steps and on SIGTERM ->
+    text -> packed tokens (BOS first, this host's shard) -> Gemma 3 (loaded into its mesh
+    shardings) forward returning only the needed sites -> BOS/pad dropped -> shuffle buffer
+    (or the on-disk activation cache, written once and read for `data.epochs` epochs) ->
+    per-site normalisation scalar (all of it `data.pipeline.ActivationPipeline`, prefetched
+    in a background thread) -> sharded train step of every dictionary -> metrics (JSONL,
+    TensorBoard, tqdm), orbax checkpoints (state + data-iterator position + scalars) every N
+    steps and on SIGTERM ->
     held-out evals (FVU, L0, dead/dense, delta LM loss, KL) -> scales folded into the weights
     -> exports (native, Gemma Scope 2, SAELens, circuit-tracer) -> report folder.
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from gemmascope_jax.data.activations import ActivationStream, estimate_norm_scalars, normalize
-from gemmascope_jax.data.cache import ActivationCacheReader, read_manifest, write_activation_cache
+from gemmascope_jax.data.activations import normalize
 from gemmascope_jax.data.corpus import embedded_corpus
-from gemmascope_jax.data.packing import PackedTokens
-from gemmascope_jax.data.shards import (
-    ShardedBatches,
-    combine_norm_scalars,
-    concat_batches,
-    local_shards,
-)
+from gemmascope_jax.data.pipeline import ActivationPipeline, model_mesh, packed_tokens
 from gemmascope_jax.data.sources import ConcatSource, open_source, split_documents
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.evals.metrics import evaluate
@@ -80,31 +74,33 @@ def run_training(cfg: RunConfig) -> RunResult:
         cfg.save(run_dir / "config.yaml")
 
     source = None if cfg.model.source == "embedded" else cfg.model.source
-    model, tok = load_gemma3(source, dtype=cfg.model.dtype, progress=lead)
+    model, tok = load_gemma3(source, dtype=cfg.model.dtype, mesh=model_mesh(mesh), progress=lead)
     step = make_train_step(_trainings(cfg, model), mesh)
     sites = step.sites
     train_docs, heldout_docs = split_documents(
         _documents(cfg), holdout=HELDOUT_FRACTION, seed=cfg.data.seed
     )
-    shards, shard_count = local_shards(cfg.data.shards)
-    shard_tokens = cfg.train.batch_tokens // shard_count
 
     ckpt = Checkpointer.from_config(cfg)
     restored = ckpt.restore(step.abstract_state()) if cfg.checkpoint.resume else None
-    batches = _activation_batches(
-        cfg, model, tok, sites, train_docs, shards, shard_count, shard_tokens
-    )
+    pipeline = ActivationPipeline(cfg, model, tok, sites, train_docs, step)
+    try:
+        return _train(cfg, model, tok, step, ckpt, restored, pipeline, heldout_docs, lead)
+    finally:
+        pipeline.close()
+
+
+def _train(cfg, model, tok, step, ckpt, restored, pipeline, heldout_docs, lead) -> RunResult:
+    sites = step.sites
     if restored is not None:
         state, start = restored.state, int(restored.step)
-        scalars = restored.extras["norm_scalars"]
-        batches.set_state(restored.extras["data"])
+        pipeline.set_state(restored.extras)
         log.info("resumed from step %d", start)
     else:
-        scalars, mean_batch = _norm_scalars(
-            cfg, model, tok, sites, train_docs, shards, shard_count, shard_tokens
-        )
-        mean_batch = _global_batch(step, mean_batch) if cfg.train.init_b_dec_mean else None
+        mean_batch = pipeline.init_norm_scalars()
+        mean_batch = mean_batch if cfg.train.init_b_dec_mean else None
         state, start = step.init(seed=cfg.train.seed, mean_batch=mean_batch), 0
+    scalars = pipeline.scalars
 
     heldout = _HeldoutEval(cfg, model, tok, sites, heldout_docs)
     logger = RunLogger(cfg.report_dir, tensorboard=cfg.report.tensorboard and lead, enabled=lead)
@@ -118,8 +114,7 @@ def run_training(cfg: RunConfig) -> RunResult:
     stopped = False
     t0, tokens_done = time.perf_counter(), 0
     for i in range(start, cfg.train.steps):
-        batch = normalize(next(batches), scalars)
-        state, metrics = step(state, _global_batch(step, batch))
+        state, metrics = step(state, next(pipeline))
         tokens_done += cfg.train.batch_tokens
         done = i + 1
         if done % cfg.report.log_every == 0 or done == cfg.train.steps:
@@ -129,12 +124,11 @@ def run_training(cfg: RunConfig) -> RunResult:
         bar.update(1)
         every = cfg.eval.every_steps
         if every and done % every == 0 and done < cfg.train.steps:
-            folded = _folded(step, state, scalars, cfg, model, tok, sites, heldout_docs)
+            folded = _folded(step, state, scalars, pipeline, heldout_docs)
             logger.log_eval(done, heldout(folded))
         stop = ckpt.stop_requested(done)
         if ckpt.should_save(done) or stop or done == cfg.train.steps:
-            extras = {"data": batches.get_state(), "norm_scalars": scalars}
-            ckpt.save(done, state, extras=extras)
+            ckpt.save(done, state, extras=pipeline.get_state())
         if stop and done < cfg.train.steps:
             stopped = True
             break
@@ -146,7 +140,7 @@ def run_training(cfg: RunConfig) -> RunResult:
         logger.close()
         return RunResult(final_step, {}, {}, cfg.report_dir, stopped_early=True)
 
-    dictionaries = _folded(step, state, scalars, cfg, model, tok, sites, heldout_docs)
+    dictionaries = _folded(step, state, scalars, pipeline, heldout_docs)
     evals = heldout(dictionaries)
     logger.log_eval(final_step, evals)
     exports = _export(cfg, dictionaries) if lead else {}
@@ -219,126 +213,6 @@ def _documents(cfg: RunConfig):
     return parts[0] if len(parts) == 1 else ConcatSource(parts)
 
 
-def _tokens(cfg: RunConfig, tok, docs, *, epochs: int | None, seed_offset: int = 0, shard=None):
-    """Packed windows of data shard `shard = (index, count)` (default: one per process)."""
-    index, count = shard or (jax.process_index(), jax.process_count())
-    return PackedTokens(
-        docs,
-        tok,
-        seq_len=cfg.data.seq_len,
-        batch_size=max(1, cfg.data.batch_size // count),
-        seed=cfg.data.seed + seed_offset,
-        num_epochs=epochs,
-        shard_index=index,
-        shard_count=count,
-    )
-
-
-def _stream(cfg, model, tok, sites, docs, batch_tokens, *, epochs, seed_offset=0, shard=None):
-    shard = shard or (jax.process_index(), jax.process_count())
-    tokens = _tokens(cfg, tok, docs, epochs=epochs, seed_offset=seed_offset, shard=shard)
-    return ActivationStream(
-        model,
-        sites,
-        tokens,
-        batch_tokens=batch_tokens,
-        buffer_tokens=max(cfg.data.shuffle_buffer_tokens // shard[1], batch_tokens),
-        seed=cfg.data.seed + seed_offset,
-    )
-
-
-def _shard_batches(cfg, model, tok, sites, docs, shard, count, batch_tokens, seed_offset=0):
-    """Shard `shard`'s batches: its activation cache (which must exist) when the run has one,
-    else a live stream; `seed_offset` picks an independent order (1: the norm estimate)."""
-    if cfg.cache_dir is None:
-        return _stream(
-            cfg,
-            model,
-            tok,
-            sites,
-            docs,
-            batch_tokens,
-            epochs=None,
-            seed_offset=seed_offset,
-            shard=(shard, count),
-        )
-    return ActivationCacheReader(
-        _shard_cache(cfg, shard, count),
-        batch_tokens,
-        seed=cfg.data.seed + seed_offset,
-        num_epochs=None,
-        sites=sites,
-    )
-
-
-def _shard_cache(cfg: RunConfig, shard: int, count: int) -> Path:
-    return cfg.cache_dir / f"shard_{shard}_of_{count}"
-
-
-def _activation_batches(cfg, model, tok, sites, docs, shards, count, batch_tokens):
-    """The training batches of this process's data shards (each shard's activation cache,
-    written on first use, or live stream), concatenated in shard order."""
-    if cfg.cache_dir is not None:
-        needed = math.ceil(cfg.train.steps * batch_tokens / cfg.data.epochs)
-        for i in shards:
-            cache = _shard_cache(cfg, i, count)
-            if _cache_ok(cache, sites, needed):
-                continue
-            log.info("writing the activation cache (%d tokens) to %s", needed, cache)
-            stream = _stream(
-                cfg, model, tok, sites, docs, batch_tokens, epochs=None, shard=(i, count)
-            )
-            write_activation_cache(
-                cache,
-                _progress(stream, needed // batch_tokens + 1, "activation cache"),
-                model=model.cfg.name,
-                seq_len=cfg.data.seq_len,
-                max_tokens=needed,
-                overwrite=True,
-            )
-    return ShardedBatches(
-        [_shard_batches(cfg, model, tok, sites, docs, i, count, batch_tokens) for i in shards]
-    )
-
-
-def _cache_ok(path: Path, sites, needed: int) -> bool:
-    try:
-        manifest = read_manifest(path)
-    except (ValueError, OSError):
-        return False
-    return set(sites) <= set(manifest["sites"]) and manifest["n_tokens"] >= needed
-
-
-def _progress(it, total: int, desc: str):
-    yield from tqdm(it, total=total, desc=desc, unit="batch", leave=False)
-
-
-def _norm_scalars(cfg, model, tok, sites, docs, shards, count, batch_tokens):
-    """Per-site scale s with E||x/s||^2 = 1 over all data shards (each shard's first
-    `data.norm_tokens / shards` tokens of a separate stream or of its cache, combined over
-    processes), and this process's first normalised batch for the data-mean init."""
-    n_batches = max(1, cfg.data.norm_tokens // (batch_tokens * count))
-    per_shard, firsts = [], []
-    for i in shards:
-        stream = _shard_batches(cfg, model, tok, sites, docs, i, count, batch_tokens, 1)
-        per_shard.append(estimate_norm_scalars(stream, n_batches))
-        firsts.append(next(stream))
-    scalars = combine_norm_scalars(per_shard)
-    return scalars, normalize(concat_batches(firsts), scalars)
-
-
-def _global_batch(step, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    if jax.process_count() == 1:
-        return step.put_batch(batch)
-    shardings = step.batch_shardings(
-        {
-            s: jax.ShapeDtypeStruct((a.shape[0] * jax.process_count(), *a.shape[1:]), a.dtype)
-            for s, a in batch.items()
-        }
-    )
-    return {s: jax.make_array_from_process_local_data(shardings[s], a) for s, a in batch.items()}
-
-
 def _postfix(metrics, rate: float) -> dict[str, str]:
     out = {"tok/s": f"{rate:,.0f}"}
     for name, m in metrics.items():
@@ -359,18 +233,17 @@ def _scales(d_cfg, scalars):
 
 def _heldout_tokens(cfg, tok, docs) -> list[np.ndarray]:
     n_batches = max(1, cfg.eval.heldout_tokens // (cfg.data.seq_len * cfg.data.batch_size))
-    tokens = _tokens(cfg, tok, docs, epochs=None, seed_offset=2)
+    tokens = packed_tokens(cfg, tok, docs, epochs=None, seed_offset=2)
     return [next(tokens) for _ in range(n_batches)]
 
 
-def _folded(step, state, scalars, cfg, model, tok, sites, heldout_docs):
+def _folded(step, state, scalars, pipeline, heldout_docs):
     """Trained dictionaries with normalisation folded in (raw activations in and out);
     BatchTopK converted to JumpReLU thresholds calibrated on held-out activations."""
     out = {}
     for name, d in zip(step.names, step.dictionaries(state), strict=True):
         if d.cfg.architecture == "batchtopk":
-            stream = _stream(cfg, model, tok, sites, heldout_docs, 4096, epochs=None, seed_offset=3)
-            calib = normalize(next(stream), scalars)
+            calib = normalize(pipeline.calibration_batch(heldout_docs, 4096, 3), scalars)
             x = _stack(d.cfg, calib, d.cfg.input_sites)
             d = d.to_jumprelu(x)
         s_in, s_out = _scales(d.cfg, scalars)
