@@ -19,7 +19,13 @@ import numpy as np
 import pytest
 
 from gemmascope_jax.data.activations import ActivationStream, normalize
-from gemmascope_jax.data.pipeline import ActivationPipeline, Prefetcher, sharded_forward
+from gemmascope_jax.data.pipeline import (
+    ActivationPipeline,
+    Prefetcher,
+    activation_stream,
+    sharded_forward,
+)
+from gemmascope_jax.data.shards import concat_batches
 from gemmascope_jax.gemma3.loading import load_gemma3
 from gemmascope_jax.sharding import make_mesh
 from gemmascope_jax.training.config import RunConfig
@@ -169,25 +175,27 @@ def pipeline(cfg, sharded_tiny, prefetch=2):
     return ActivationPipeline(cfg, lm, StubTokenizer(), step.sites, docs, step, prefetch=prefetch)
 
 
-def test_pipeline_batches_are_the_host_stream_normalised(sharded_tiny, hf_tiny_dir, tmp_path):
-    cfg = run_config(hf_tiny_dir, tmp_path)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_pipeline_batches_are_the_host_streams_normalised(
+    sharded_tiny, hf_tiny_dir, tmp_path, shards
+):
+    """Device batches (forward, drop, shuffle, shard concat, normalisation all on the device)
+    equal the host streams of every data shard, concatenated and normalised by numpy."""
+    cfg = run_config(hf_tiny_dir, tmp_path, shards=shards)
     pipe = pipeline(cfg, sharded_tiny)
     pipe.init_norm_scalars()
     got = [next(pipe) for _ in range(6)]
-    host = ActivationStream(
-        None, pipe.sites, iter_tokens(cfg), batch_tokens=64, buffer_tokens=256, seed=0,
-        forward=pipe.forward,
-    )  # fmt: skip
+    docs, tok = as_source(small_docs(200)), StubTokenizer()
+    host = [
+        activation_stream(cfg, pipe.forward, tok, pipe.sites, docs, 64 // shards,
+                          epochs=None, shard=(i, shards))
+        for i in range(shards)
+    ]  # fmt: skip
     for g in got:
-        assert_same_bits(g, normalize(next(host), pipe.scalars))
+        want = normalize(concat_batches([next(h) for h in host]), pipe.scalars)
+        assert_same_bits(g, want)
         assert all(isinstance(v, jax.Array) for v in g.values())
     pipe.close()
-
-
-def iter_tokens(cfg):
-    from gemmascope_jax.data.pipeline import packed_tokens
-
-    return packed_tokens(cfg, StubTokenizer(), as_source(small_docs(200)), epochs=None)
 
 
 @pytest.mark.parametrize("cache", [False, True])
