@@ -88,7 +88,8 @@ def _check_consistent(plan: dict, topology: str, devices: int):
     pd = plan["per_device_bytes"]
     parts = pd["arguments"] + pd["temp"] + pd["output"] + pd["generated_code"] - pd["alias"]
     assert pd["total"] == parts > 0
-    assert plan["fits"] == (pd["total"] <= plan["hbm_bytes"])
+    assert plan["usable_hbm_bytes"] == plan["hbm_bytes"] * 63 // 64  # XLA's share, stated
+    assert plan["fits"] == (pd["total"] <= plan["usable_hbm_bytes"])
     # XLA's figure adds the norm scalars and TPU layout padding of small arrays
     assert 0 < sum(plan["argument_breakdown"].values()) <= pd["arguments"]
     assert plan["flops_per_step"] > 0 and plan["bytes_per_step"] > 0

@@ -24,6 +24,7 @@ ratio of the split work, see docs/scaling.md). The roofline estimate is
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from typing import Any
@@ -61,6 +62,9 @@ CHIPS = {
     "v5p": ChipSpec("TPU v5p", 459e12, 95 * GIB, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": ChipSpec("TPU v6e", 918e12, 32 * GIB, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
+# XLA:TPU keeps part of HBM for itself (on v5e it offers 15.75 of 16 GiB): a plan fits when
+# its per-device total is at most this fraction of the published capacity.
+USABLE_HBM_FRACTION = 63 / 64
 # The LM weights go FSDP over `data` (fsdp="auto") when tensor parallelism alone leaves
 # them more than this fraction of a chip's HBM.
 FSDP_AUTO_FRACTION = 0.25
@@ -93,8 +97,13 @@ class Plan:
         return self.chip.hbm_bytes
 
     @property
+    def usable_hbm_bytes(self) -> int:
+        return int(self.hbm_bytes * USABLE_HBM_FRACTION)
+
+    @property
     def fits(self) -> bool:
-        return self.compile_error is None and self.per_device_bytes["total"] <= self.hbm_bytes
+        total = self.per_device_bytes["total"]
+        return self.compile_error is None and total <= self.usable_hbm_bytes
 
     @property
     def est_step_s(self) -> float | None:
@@ -150,6 +159,7 @@ class Plan:
             "per_device_bytes": self.per_device_bytes,
             "argument_breakdown": self.argument_breakdown,
             "hbm_bytes": self.hbm_bytes,
+            "usable_hbm_bytes": self.usable_hbm_bytes,
             "fits": self.fits,
             "dominant": self.dominant(),
             "tokens_per_step": self.tokens_per_step,
@@ -174,7 +184,8 @@ class Plan:
             sign = "-" if key == "alias" else " "
             lines.append(f"  {key:<15}{sign}{pd[key] / GIB:9.3f} GiB")
         lines.append(
-            f"  {'total':<15} {pd['total'] / GIB:9.3f} GiB of {c.hbm_bytes / GIB:.0f} GiB HBM"
+            f"  {'total':<15} {pd['total'] / GIB:9.3f} GiB of {c.hbm_bytes / GIB:.0f} GiB HBM "
+            f"({self.usable_hbm_bytes / GIB:.2f} GiB usable)"
         )
         lines.append("arguments by owner (from the abstract shapes and shardings):")
         for name, size in self.argument_breakdown.items():
@@ -195,12 +206,16 @@ class Plan:
                 "tokens/s per chip"
             )
         verdict = "fits" if self.fits else f"does NOT fit; memory: {self.dominant()}"
-        lines.append(f"{verdict} ({pd['total'] / GIB:.2f} GiB of {c.hbm_bytes / GIB:.0f} GiB)")
+        usable = self.usable_hbm_bytes / GIB
+        lines.append(f"{verdict} ({pd['total'] / GIB:.2f} GiB of {usable:.2f} GiB usable)")
         return "\n".join(lines)
 
 
 def topology_devices(topology: str) -> tuple[ChipSpec, list]:
     """(chip, abstract devices) for a topology name such as 'v5p:2x2x1' or 'v5e:4x4'."""
+    # Abstract devices need no TPU: let plan run beside other libtpu users (a training job on
+    # this host, other plans) instead of failing on libtpu's single-process lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     generation = topology.split(":", 1)[0].lower()
@@ -329,13 +344,15 @@ def make_plan(cfg: RunConfig, topology: str, *, fsdp: bool | None = None) -> Pla
 
     t0 = time.perf_counter()
     error, flops, bytes_accessed = None, None, None
+    args = sum(breakdown.values())
     try:
+        if args > chip.hbm_bytes:  # no need to ask XLA
+            raise MemoryError(f"RESOURCE_EXHAUSTED: arguments alone need {args / GIB:.1f} GiB")
         compiled = jitted.lower(lm_params, state, tokens, scalars).compile()
     except Exception as e:  # XLA:TPU refuses programs that exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e) and "hbm" not in str(e).lower():
             raise
         error, temp = _compile_error(e)
-        args = sum(breakdown.values())
         per_device = dict(arguments=args, temp=temp or 0, output=0, generated_code=0, alias=0)
     else:
         mem = compiled.memory_analysis()
