@@ -35,7 +35,7 @@ TABLE_TOPOLOGIES = ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
 # The slice each recipe's header comment names.
 SLICES = {
     "clt_1b": "v5p:2x2x1",
-    "clt_270m": "v5e:2x2",
+    "clt_270m": "v5p:2x2x1",
     "crosscoder_1b": "v5p:2x2x1",
     "resid_post_12b_262k": "v5p:2x2x1",
     "resid_post_1b_16k": "v5e:2x2",
@@ -102,6 +102,8 @@ def _cell(plan) -> str:
     if "error" in plan:
         return f"error: {plan['error']}"
     fits = "yes" if plan["fits"] else "**no**"
+    if plan.get("compile_error"):  # >= this: XLA refused it, or its arguments exceed HBM
+        fits = "**no** (refused)" if "HLO temporaries" in plan["compile_error"] else "**no** (args)"
     mesh = plan["mesh"]
     return (
         f"{_gib(plan['per_device_bytes']['total'])} GiB, {fits}, {_rate(plan)} tok/s "
@@ -202,7 +204,10 @@ def main() -> int:
     jobs = [j for j in dict.fromkeys(jobs) if j[0] not in args.skip]
     if args.cached_only:
         jobs = [j for j in jobs if (cache / f"{_cache_key(*j)}.json").is_file()]
-    jobs.sort(key=lambda j: (j[0].startswith("clt"), j[0] not in big))  # slow CLT compiles last
+    # the recipes' own slices first, the FSDP comparison next, slow CLT compiles last
+    jobs.sort(
+        key=lambda j: (j[0].startswith("clt"), FSDP_MODES[0][:6] in str(j[2]), j[0] not in big)
+    )
     results = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(plan_json, *job[:2], list(job[2]), cache, args.timeout): job
