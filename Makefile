@@ -40,7 +40,8 @@ test: $(VENV)/.installed-test interop
 	@test -x /usr/bin/chromedriver || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --durations=15
+	@# CPU backend for running; libtpu only compiles (several test processes may load it).
+	JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 $(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

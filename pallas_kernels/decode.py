@@ -47,9 +47,11 @@ implementation forced on a backend that cannot run it natively runs in interpret
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,15 +81,45 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
-def resolve_impl(impl: str | None = None) -> str:
-    """The implementation an `impl=None` call would use (see the module docstring)."""
+def resolve_impl(impl: str | None = None, platform: str | None = None) -> str:
+    """The implementation an `impl=None` call would use (see the module docstring) when
+    compiling for `platform` (default: the default backend)."""
     if impl is not None:
         return _check_impl(impl)
     if _forced:
         return _forced[-1]
     if env := os.environ.get(IMPL_ENV):
         return _check_impl(env.strip())
-    return _DEFAULT_FOR_BACKEND.get(jax.default_backend(), "xla")
+    return _DEFAULT_FOR_BACKEND.get(platform or jax.default_backend(), "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """What one decode compiles to (static): the implementation, whether a Pallas kernel runs
+    in interpret mode (its platform is not the target), and the TPU tiles."""
+
+    impl: str = "xla"
+    interpret: bool = True
+    tiles: Any = None
+
+    @classmethod
+    def for_target(cls, impl: str | None, mesh=None) -> Kernel:
+        """The kernel for the device the program is compiled for: the mesh's device (a mesh of
+        abstract TPU devices from `jax.experimental.topologies` means XLA:TPU and Mosaic even
+        on a CPU host), else the default backend."""
+        if isinstance(mesh, jax.sharding.Mesh):
+            mesh = mesh.abstract_mesh
+        device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+        platform = device.platform if device is not None else jax.default_backend()
+        impl = resolve_impl(impl, platform)
+        native = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}.get(impl) == platform
+        tiles = None
+        if impl == "pallas_tpu":
+            from pallas_kernels.tpu_kernel import default_tiles
+
+            kind = device.device_kind if device is not None and platform == "tpu" else None
+            tiles = default_tiles(kind)
+        return cls(impl, not native, tiles)
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -278,11 +310,11 @@ def xla_table_grad(ell_values, ell_tokens, over_latent, g, n_cols: int, block: i
     return jax.lax.fori_loop(0, n_blocks, add_block, d_table)
 
 
-def _tpu_fallback(n_active: int, n_cols: int, dtype, what: str) -> bool:
+def _tpu_fallback(kernel: Kernel, n_active: int, n_cols: int, dtype, what: str) -> bool:
     """True (after a warning) when the Pallas TPU kernels cannot run this shape."""
-    from pallas_kernels.tpu_kernel import default_tiles, tpu_unsupported
+    from pallas_kernels.tpu_kernel import tpu_unsupported
 
-    why = tpu_unsupported(n_active, n_cols, dtype, default_tiles())
+    why = tpu_unsupported(n_active, n_cols, dtype, kernel.tiles)
     if why:
         warnings.warn(
             f"sparse decode {what}: Pallas TPU kernel skipped, XLA used: {why}", stacklevel=3
@@ -290,22 +322,24 @@ def _tpu_fallback(n_active: int, n_cols: int, dtype, what: str) -> bool:
     return bool(why)
 
 
-def _gather_rows(impl: str, values, indices, table):
-    """One source layer's forward with `impl` ([T, K] x [F, R] -> [T, R] float32)."""
-    if impl == "pallas_tpu":
+def _gather_rows(kernel: Kernel, values, indices, table):
+    """One source layer's forward ([T, K] x [F, R] -> [T, R] float32)."""
+    if kernel.impl == "pallas_tpu":
         from pallas_kernels.tpu_kernel import tpu_gather_rows
 
-        if not _tpu_fallback(values.shape[1], table.shape[1], table.dtype, "forward"):
-            return tpu_gather_rows(values, indices, table)
+        if not _tpu_fallback(kernel, values.shape[1], table.shape[1], table.dtype, "forward"):
+            return tpu_gather_rows(
+                values, indices, table, tiles=kernel.tiles, interpret=kernel.interpret
+            )
         return xla_gather_rows(values, indices, table)
-    if impl == "pallas_gpu":
+    if kernel.impl == "pallas_gpu":
         from pallas_kernels.gpu_kernel import gpu_gather_rows
 
-        return gpu_gather_rows(values, indices, table)
+        return gpu_gather_rows(values, indices, table, interpret=kernel.interpret)
     return xla_gather_rows(values, indices, table)
 
 
-def _forward(values, indices, blocks, impl):
+def _forward(values, indices, blocks, kernel: Kernel):
     """values/indices [T, L, K] -> out [T, L, D] float32."""
     n_tokens, n_layers, _ = values.shape
     d_out = blocks[0].shape[-1]
@@ -313,18 +347,18 @@ def _forward(values, indices, blocks, impl):
     out = jnp.zeros((n_tokens, n_layers, d_out), jnp.float32)
     for layer, block in enumerate(blocks):
         table = block.reshape(block.shape[0], -1)
-        part = _gather_rows(impl, values[:, layer], indices[:, layer], table)
+        part = _gather_rows(kernel, values[:, layer], indices[:, layer], table)
         out = out.at[:, layer:].add(part.reshape(n_tokens, n_layers - layer, d_out))
     return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _decode(values, indices, blocks, impl, out_dtype):
-    return _forward(values, indices, blocks, impl).astype(out_dtype)
+def _decode(values, indices, blocks, kernel, out_dtype):
+    return _forward(values, indices, blocks, kernel).astype(out_dtype)
 
 
-def _decode_fwd(values, indices, blocks, impl, out_dtype):
-    return _decode(values, indices, blocks, impl, out_dtype), (values, indices, blocks)
+def _decode_fwd(values, indices, blocks, kernel, out_dtype):
+    return _decode(values, indices, blocks, kernel, out_dtype), (values, indices, blocks)
 
 
 def _ell(values, indices, n_latents):
@@ -337,7 +371,7 @@ def _ell(values, indices, n_latents):
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
-def _backward(values, indices, blocks, g, impl="xla"):
+def _backward(values, indices, blocks, g, kernel=Kernel()):
     n_tokens, n_layers, _ = values.shape
     n_latents = blocks[0].shape[0]
     # The barrier keeps XLA from fusing the producers of g / values (the rest of the
@@ -350,11 +384,11 @@ def _backward(values, indices, blocks, g, impl="xla"):
     for layer, block in enumerate(blocks):
         n_cols = (n_layers - layer) * block.shape[-1]
         ell_l = tuple(a[layer] for a in ell)
-        tpu = impl == "pallas_tpu" and not _tpu_fallback(
-            values.shape[2], n_cols, jnp.float32, "backward"
+        tpu = kernel.impl == "pallas_tpu" and not _tpu_fallback(
+            kernel, values.shape[2], n_cols, jnp.float32, "backward"
         )
         if tpu:
-            dv, d_table = _tpu_layer_grads(indices[:, layer], block, g_rows, ell_l)
+            dv, d_table = _tpu_layer_grads(kernel, indices[:, layer], block, g_rows, ell_l)
         else:
             dv = xla_row_dots(indices[:, layer], block, g)
             d_table = xla_table_grad(*ell_l, g_rows, n_cols, over_block)
@@ -364,7 +398,7 @@ def _backward(values, indices, blocks, g, impl="xla"):
     return d_values, tuple(d_blocks)
 
 
-def _tpu_layer_grads(indices, block, g_rows, ell):
+def _tpu_layer_grads(kernel: Kernel, indices, block, g_rows, ell):
     """One source layer's (d_values [T, K], d_table [F, R]) with the Pallas TPU kernels.
 
     d_values: gathered row dots against g's window of the layer's output layers. d_table:
@@ -377,21 +411,19 @@ def _tpu_layer_grads(indices, block, g_rows, ell):
     n_latents, n_out, d_out = block.shape
     offset = g_rows.shape[1] - n_out * d_out
     table = block.reshape(n_latents, -1)
-    d_values = tpu_row_dots(indices, table, g_rows, g_offset=offset)
+    opts = dict(tiles=kernel.tiles, interpret=kernel.interpret)
+    d_values = tpu_row_dots(indices, table, g_rows, g_offset=offset, **opts)
     ell_values, ell_tokens, over_latent = ell
-    d_table = tpu_gather_rows(
-        ell_values[:n_latents], ell_tokens[:n_latents], g_rows, col_offset=offset
-    )
+    rows = functools.partial(tpu_gather_rows, table=g_rows, col_offset=offset, **opts)
+    d_table = rows(ell_values[:n_latents], ell_tokens[:n_latents])
     if over_latent.shape[0]:
-        over = tpu_gather_rows(
-            ell_values[n_latents:], ell_tokens[n_latents:], g_rows, col_offset=offset
-        )
+        over = rows(ell_values[n_latents:], ell_tokens[n_latents:])
         d_table = d_table.at[over_latent].add(over, mode="drop", indices_are_sorted=True)
     return d_values, d_table
 
 
-def _decode_bwd(impl, out_dtype, residuals, g):
-    d_values, d_blocks = _backward(*residuals, g, impl)
+def _decode_bwd(kernel, out_dtype, residuals, g):
+    d_values, d_blocks = _backward(*residuals, g, kernel)
     return d_values, None, d_blocks
 
 
@@ -410,7 +442,7 @@ def _model_axis(mesh, n_latents: int) -> int:
     return size if size > 1 and n_latents % size == 0 else 1
 
 
-def _sharded_decode(values, indices, blocks, impl, out_dtype, mesh):
+def _sharded_decode(values, indices, blocks, kernel, out_dtype, mesh):
     """`_decode` per latent shard: `shard_map` over `model` (and `data` on the token axis when
     it divides), each device gathering only its own decoder rows, then a float32 `psum` over
     `model`. Pairs whose latent lives on another shard get value 0 (index clipped to 0), so
@@ -430,7 +462,7 @@ def _sharded_decode(values, indices, blocks, impl, out_dtype, mesh):
         mine = (local >= 0) & (local < local_width)
         values = jnp.where(mine, values, jnp.zeros_like(values))
         local = jnp.where(mine, local, 0)
-        part = _decode(values, local, blocks, impl, jnp.float32)
+        part = _decode(values, local, blocks, kernel, jnp.float32)
         return jax.lax.psum(part, MODEL_AXIS)
 
     out = jax.shard_map(
@@ -458,24 +490,26 @@ def sparse_decode(
     Output dtype: the result type of values and blocks (accumulated in float32). No bias or
     skip term. Differentiable in values and blocks (see the module docstring).
 
-    mesh: when it has a `model` axis of size > 1 that divides F (default: the mesh set by
-    `jax.set_mesh`, which `TrainStep` sets while tracing), the decoder is taken as sharded
-    over latents on `model` and the op runs per shard (`_sharded_decode`).
+    mesh: default the context mesh (`jax.set_mesh` outside jit, `use_abstract_mesh` inside,
+    which `TrainStep` sets while tracing). Its device picks the kernel (`Kernel.for_target`:
+    a mesh of TPU devices compiles the Mosaic kernels natively, also when AOT-compiling on a
+    CPU host); when it has a `model` axis of size > 1 that divides F, the decoder is taken as
+    sharded over latents on `model` and the op runs per shard (`_sharded_decode`).
     """
     blocks = tuple(jnp.asarray(b) for b in w_dec_blocks)
     values, indices = jnp.asarray(values), jnp.asarray(indices)
     n_layers, width, d_out = check_inputs(values, indices, blocks)
-    impl = resolve_impl(impl)
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    kernel = Kernel.for_target(impl, mesh)
     dtype = jnp.result_type(values.dtype, *(b.dtype for b in blocks))
     lead = values.shape[:-2]
     flat_v = values.reshape(-1, *values.shape[-2:]).astype(dtype)
     flat_i = indices.reshape(-1, *indices.shape[-2:]).astype(jnp.int32)
     blocks = tuple(b.astype(dtype) for b in blocks)
-    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if _model_axis(mesh, width) > 1:
-        out = _sharded_decode(flat_v, flat_i, blocks, impl, dtype, mesh)
+        out = _sharded_decode(flat_v, flat_i, blocks, kernel, dtype, mesh)
     else:
-        out = _jitted_decode(flat_v, flat_i, blocks, impl, dtype)
+        out = _jitted_decode(flat_v, flat_i, blocks, kernel, dtype)
     return out.reshape(*lead, n_layers, d_out)
 
 

@@ -10,19 +10,27 @@ float32 / [T, K] float32. Both kernels read a column window `col_offset .. col_o
 of their [.., C] operand, so a layer's slice of g is never copied.
 
 Layout (the Pallas TPU scalar-prefetch / paged-attention pattern; docs/kernels.md): the
-indices are scalar-prefetched into SMEM (`pltpu.PrefetchScalarGridSpec`) and drive the DMA of
-rows; the table stays in HBM (`memory_space=pl.ANY`). The grid is (token tiles, column
-tiles). Each step starts one async copy per (token, k) of the row slice `table[idx, cols]`
-into a VMEM scratch [TT, K, tC], waits for all, then per token reduces the K rows on the MXU
-in float32: `[1, K] x [K, tC]` (gather) or `[1, tC] x [K, tC]ᵀ` (row dots, accumulated over
-the column tiles, which are the innermost, "arbitrary" grid axis: an output block is only
-revisited on consecutive steps). In-kernel vector indexing of VMEM refs is avoided (Mosaic
-rejects it, jax #39366).
+indices (and the gather's values, as float32) are scalar-prefetched into SMEM
+(`pltpu.PrefetchScalarGridSpec`) and drive the DMA of rows; the table stays in HBM
+(`memory_space=pl.ANY`). The grid is (token tiles, column tiles). Each step starts one async
+copy per (token, k) of the row slice `table[idx, cols]` into a VMEM scratch [TT, K, 1, tC],
+waits for all, then per token reduces its K rows in float32 on the vector unit, in a
+`fori_loop` over k: `acc += value · row` (gather), or `acc[k] = Σ row · g[t]` (row dots,
+accumulated over the column tiles, the innermost "arbitrary" grid axis, so an output block
+is only revisited on consecutive steps).
+
+What Mosaic accepts (found by compiling for v5e with libtpu 0.0.42): the tiled (sublane,
+lane) dims of a ref can only be sliced at tile-aligned offsets, so single rows are
+addressed on untiled leading dims at both ends of the copy (the table viewed as [F, 1, C],
+a free reshape; the scratch [TT, K, 1, tC]). Reading that scratch back as a [K, tC] matrix
+for an MXU dot is a strided sublane load that took ~8 s of Mosaic compile per bf16 kernel
+(10 min for a 270M CLT's fwd+bwd); the vector-unit loop compiles in under 1 s. In-kernel
+vector indexing of VMEM refs is rejected (jax #39366).
 
 Tiles (`TpuTiles`) are parameters with per-generation defaults (`default_tiles`): the token
 tile, and the column tile as the largest multiple of 128 dividing the columns whose scratch
 fits a quarter of the generation's default scoped VMEM. Scalar prefetch is bounded by SMEM,
-so the callers split long token axes into calls of at most `max_prefetch` indices.
+so long token axes are split into calls of at most `max_prefetch` pairs.
 `tpu_unsupported` says why a shape cannot run (the caller then falls back to XLA).
 
 Compiled for real TPU topologies (v5e, v5p) by `tests/test_tpu_compile.py` through libtpu's
@@ -58,7 +66,7 @@ class TpuTiles:
 
     token_tile: int = 8
     vmem_budget: int = 4 * MiB
-    max_prefetch: int = 1 << 17
+    max_prefetch: int = 1 << 15
 
     def __post_init__(self):
         if self.token_tile < 8 or self.token_tile % 8:
@@ -110,14 +118,15 @@ def tpu_unsupported(n_active: int, n_cols: int, dtype, tiles: TpuTiles) -> str:
 
 
 def _gather_to_vmem(idx_ref, table_hbm, rows, sem, *, first, n_active, token_tile, col, width):
-    """DMA `table[idx[first + j], col : col + width]` for j < TT·K into rows [TT, K, width]."""
+    """DMA `table[idx[first + j], 0, col : col + width]` for j < TT·K into rows
+    [TT, K, 1, width]. Rows are addressed on untiled leading dims at both ends: Mosaic only
+    slices the tiled (sublane, lane) dims at tile-aligned offsets, so a [F, C] table or a
+    [TT, K, C] scratch cannot take single-row copies at arbitrary rows."""
 
     def copy(j):
         t, k = j // n_active, j % n_active
         row = idx_ref[first + t * n_active + k]
-        return pltpu.make_async_copy(
-            table_hbm.at[pl.ds(row, 1), pl.ds(col, width)], rows.at[t, pl.ds(k, 1)], sem
-        )
+        return pltpu.make_async_copy(table_hbm.at[row, :, pl.ds(col, width)], rows.at[t, k], sem)
 
     n_copies = token_tile * n_active
 
@@ -132,25 +141,25 @@ def _gather_to_vmem(idx_ref, table_hbm, rows, sem, *, first, n_active, token_til
 
 def _gather_kernel(idx_ref, val_ref, table_hbm, *rest, n_active, token_tile, col_tile, offset):
     out_ref, rows, sem = rest[-3:]  # rest[0] is the aliased poison buffer when present
-    tile = pl.program_id(0)
+    first = pl.program_id(0) * token_tile * n_active
     _gather_to_vmem(
         idx_ref,
         table_hbm,
         rows,
         sem,
-        first=tile * token_tile * n_active,
+        first=first,
         n_active=n_active,
         token_tile=token_tile,
         col=offset + pl.program_id(1) * col_tile,
         width=col_tile,
     )
     for t in range(token_tile):
-        out_ref[pl.ds(t, 1), :] = jnp.dot(
-            val_ref[pl.ds(t, 1), :],
-            rows[t],
-            precision=jax.lax.Precision.HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
+
+        def add_row(k, acc, t=t):
+            return acc + val_ref[first + t * n_active + k] * rows[t, k].astype(jnp.float32)
+
+        zero = jnp.zeros((1, col_tile), jnp.float32)
+        out_ref[pl.ds(t, 1), :] = jax.lax.fori_loop(0, n_active, add_row, zero)
 
 
 def _row_dot_kernel(
@@ -173,14 +182,36 @@ def _row_dot_kernel(
     def _init():
         out_ref[...] = jnp.zeros_like(out_ref)
 
+    slots = jax.lax.broadcasted_iota(jnp.int32, (1, n_active), 1)
     for t in range(token_tile):
-        out_ref[pl.ds(t, 1), :] += jax.lax.dot_general(
-            g_ref[pl.ds(t, 1), :].astype(jnp.float32),
-            rows[t].astype(jnp.float32),
-            (((1,), (1,)), ((), ())),
-            precision=jax.lax.Precision.HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
+        g = g_ref[pl.ds(t, 1), :].astype(jnp.float32)
+
+        def add_dot(k, acc, t=t, g=g):
+            dot = jnp.sum(rows[t, k].astype(jnp.float32) * g, axis=1, keepdims=True)
+            return acc + jnp.where(slots == k, dot, 0.0)
+
+        zero = jnp.zeros((1, n_active), jnp.float32)
+        out_ref[pl.ds(t, 1), :] += jax.lax.fori_loop(0, n_active, add_dot, zero)
+
+
+def _vma_aligned(*operands):
+    """Inside `shard_map` (with its varying-axes check): the operands made varying over the
+    union of their manual mesh axes, and that type for the kernel's output; outside, the
+    operands unchanged and None."""
+    axes = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
+    if not axes:
+        return operands, None
+
+    def widen(x):
+        missing = tuple(sorted(axes - jax.typeof(x).mat.varying))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    operands = tuple(widen(x) for x in operands)
+    return operands, jax.typeof(operands[0]).mat
+
+
+def _out_struct(shape, dtype, mat) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
 def _interpret(interpret: bool | None):
@@ -236,26 +267,25 @@ def _gather_call(values, indices, table, col_offset, n_cols, tiles, interpret, p
     n_tokens, n_active = values.shape
     tt = tiles.token_tile
     col_tile = column_tile(n_cols, n_active, table.dtype.itemsize, tiles)
-    values = _pad_tokens(values.astype(table.dtype), tt)
+    # values rounded to the table's dtype (as the XLA path multiplies), held as f32 scalars
+    values = _pad_tokens(values.astype(table.dtype).astype(jnp.float32), tt)
     indices = _pad_tokens(indices.astype(jnp.int32), tt)
     n_padded = values.shape[0]
-    operands = [indices.reshape(-1), values, table]
-    in_specs = [
-        pl.BlockSpec((tt, n_active), lambda i, c, idx: (i, 0)),
-        pl.BlockSpec(memory_space=pl.ANY),
-    ]
+    operands = [indices.reshape(-1), values.reshape(-1), table.reshape(table.shape[0], 1, -1)]
+    in_specs = [pl.BlockSpec(memory_space=pl.ANY)]
     aliases = {}
     if poison:
         operands.append(jnp.full((n_padded, n_cols), jnp.nan, jnp.float32))
         in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
         aliases = {3: 0}
+    operands, mat = _vma_aligned(*operands)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(n_padded // tt, n_cols // col_tile),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((tt, col_tile), lambda i, c, idx: (i, c)),
+        out_specs=pl.BlockSpec((tt, col_tile), lambda i, c, *_: (i, c)),
         scratch_shapes=[
-            pltpu.VMEM((tt, n_active, col_tile), table.dtype),
+            pltpu.VMEM((tt, n_active, 1, col_tile), table.dtype),
             pltpu.SemaphoreType.DMA(()),
         ],
     )
@@ -264,7 +294,7 @@ def _gather_call(values, indices, table, col_offset, n_cols, tiles, interpret, p
     )
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((n_padded, n_cols), jnp.float32),
+        out_shape=_out_struct((n_padded, n_cols), jnp.float32, mat),
         grid_spec=grid_spec,
         input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
@@ -320,17 +350,18 @@ def _row_dot_call(indices, table, g, g_offset, tiles, interpret):
         ],
         out_specs=pl.BlockSpec((tt, n_active), lambda i, c, idx: (i, 0)),
         scratch_shapes=[
-            pltpu.VMEM((tt, n_active, col_tile), table.dtype),
+            pltpu.VMEM((tt, n_active, 1, col_tile), table.dtype),
             pltpu.SemaphoreType.DMA(()),
         ],
     )
     kernel = functools.partial(_row_dot_kernel, n_active=n_active, token_tile=tt, col_tile=col_tile)
+    operands, mat = _vma_aligned(indices.reshape(-1), g, table.reshape(table.shape[0], 1, -1))
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((n_padded, n_active), jnp.float32),
+        out_shape=_out_struct((n_padded, n_active), jnp.float32, mat),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=_interpret(interpret),
         name="sparse_decode_row_dots_tpu",
-    )(indices.reshape(-1), g, table)
+    )(*operands)
     return out[:n_tokens]

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests run on the CPU backend; libtpu is there only to compile for abstract TPU topologies,
+# and test subprocesses may load it side by side.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import numpy as np
 import pytest
 
