@@ -311,10 +311,12 @@ def xla_table_grad(ell_values, ell_tokens, over_latent, g, n_cols: int, block: i
 
 
 def _tpu_fallback(kernel: Kernel, n_active: int, n_cols: int, dtype, what: str) -> bool:
-    """True (after a warning) when the Pallas TPU kernels cannot run this shape."""
-    from pallas_kernels.tpu_kernel import tpu_unsupported
+    """True (after a warning) when the Pallas TPU kernels of the forward or the backward
+    cannot run this shape."""
+    from pallas_kernels.tpu_kernel import tpu_backward_unsupported, tpu_unsupported
 
-    why = tpu_unsupported(n_active, n_cols, dtype, kernel.tiles)
+    check = tpu_backward_unsupported if what == "backward" else tpu_unsupported
+    why = check(n_active, n_cols, dtype, kernel.tiles)
     if why:
         warnings.warn(
             f"sparse decode {what}: Pallas TPU kernel skipped, XLA used: {why}", stacklevel=3
@@ -378,47 +380,45 @@ def _backward(values, indices, blocks, g, kernel=Kernel()):
     # model's backward) into the gather loops, where they would be recomputed per element
     # (measured 3x slower CLT train steps on CPU without it).
     values, indices, g = jax.lax.optimization_barrier((values, indices, g.astype(jnp.float32)))
-    ell, over_block = _ell(values, indices, n_latents)
+    ell = None
     d_values, d_blocks = [], []
     g_rows = g.reshape(n_tokens, -1)  # [T, L·D]; layer l's R = (L - l)·D are the last
     for layer, block in enumerate(blocks):
         n_cols = (n_layers - layer) * block.shape[-1]
-        ell_l = tuple(a[layer] for a in ell)
         tpu = kernel.impl == "pallas_tpu" and not _tpu_fallback(
-            kernel, values.shape[2], n_cols, jnp.float32, "backward"
+            kernel, values.shape[2], n_cols, block.dtype, "backward"
         )
         if tpu:
-            dv, d_table = _tpu_layer_grads(kernel, indices[:, layer], block, g_rows, ell_l)
+            dv, d_table = _tpu_layer_grads(
+                kernel, values[:, layer], indices[:, layer], block, g_rows
+            )
         else:
+            if ell is None:
+                ell, over_block = _ell(values, indices, n_latents)
             dv = xla_row_dots(indices[:, layer], block, g)
-            d_table = xla_table_grad(*ell_l, g_rows, n_cols, over_block)
+            d_table = xla_table_grad(*(a[layer] for a in ell), g_rows, n_cols, over_block)
         d_values.append(dv)
         d_blocks.append(d_table.reshape(block.shape).astype(block.dtype))
     d_values = jnp.stack(d_values, axis=1).astype(values.dtype)
     return d_values, tuple(d_blocks)
 
 
-def _tpu_layer_grads(kernel: Kernel, indices, block, g_rows, ell):
-    """One source layer's (d_values [T, K], d_table [F, R]) with the Pallas TPU kernels.
-
-    d_values: gathered row dots against g's window of the layer's output layers. d_table:
-    the forward's row gather over the latent-sorted ELL rows, reading rows of g (row f =
-    latent f); the overflow rows are gathered the same way and scatter-added into their
-    (sorted) latents, a plain XLA scatter of a kernel output (nothing fused into it, so no
-    scoped-VMEM blow-up; the fused XLA version needed 27 MiB of a 16 MiB limit on v5p)."""
-    from pallas_kernels.tpu_kernel import tpu_gather_rows, tpu_row_dots
+def _tpu_layer_grads(kernel: Kernel, values, indices, block, g_rows):
+    """One source layer's (d_values [T, K], d_table [F, R]) with the Pallas TPU kernels:
+    gathered row dots against g's window of the layer's output layers, and the decoder
+    gradient summed per latent over the latent-sorted pairs (`tpu_latent_rows`: each output
+    row written once, no scatter; XLA:TPU's scatter-add of the overflow rows needed 19-27
+    MiB of a 16 MiB scoped-VMEM limit at the 270M CLT shape)."""
+    from pallas_kernels.tpu_kernel import tpu_latent_rows, tpu_row_dots
 
     n_latents, n_out, d_out = block.shape
     offset = g_rows.shape[1] - n_out * d_out
     table = block.reshape(n_latents, -1)
     opts = dict(tiles=kernel.tiles, interpret=kernel.interpret)
     d_values = tpu_row_dots(indices, table, g_rows, g_offset=offset, **opts)
-    ell_values, ell_tokens, over_latent = ell
-    rows = functools.partial(tpu_gather_rows, table=g_rows, col_offset=offset, **opts)
-    d_table = rows(ell_values[:n_latents], ell_tokens[:n_latents])
-    if over_latent.shape[0]:
-        over = rows(ell_values[n_latents:], ell_tokens[n_latents:])
-        d_table = d_table.at[over_latent].add(over, mode="drop", indices_are_sorted=True)
+    d_table = tpu_latent_rows(
+        values, indices, g_rows, n_latents=n_latents, col_offset=offset, **opts
+    )
     return d_values, d_table
 
 

@@ -56,6 +56,7 @@ MiB = 1 << 20
 # CompileTimeScopedVmemOom for v5p). Scratch is kept to a quarter of it (double-buffered
 # operand and output blocks live there too).
 SCOPED_VMEM = {"v4": 16 * MiB, "v5e": 16 * MiB, "v5p": 16 * MiB, "v6e": 32 * MiB}
+LATENT_TILE = 8  # latents per grid step of the decoder gradient (the sublane count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +95,13 @@ def default_tiles(device_kind: str | None = None) -> TpuTiles:
     return TpuTiles(vmem_budget=SCOPED_VMEM[generation(device_kind)] // 4)
 
 
-def column_tile(n_cols: int, n_active: int, itemsize: int, tiles: TpuTiles) -> int | None:
-    """Largest multiple of 128 dividing `n_cols` whose scratch [TT, K, tile] fits the VMEM
-    budget; `n_cols` itself when it is narrower than 128 and fits; None when nothing fits."""
-    row_bytes = tiles.token_tile * n_active * itemsize
+def column_tile(
+    n_cols: int, n_active: int, itemsize: int, tiles: TpuTiles, n_rows: int | None = None
+) -> int | None:
+    """Largest multiple of 128 dividing `n_cols` whose scratch [n_rows, tile] (default rows:
+    TT·K) fits the VMEM budget; `n_cols` itself when it is narrower than 128 and fits; None
+    when nothing fits."""
+    row_bytes = (tiles.token_tile * n_active if n_rows is None else n_rows) * itemsize
     if n_cols % LANES:
         return n_cols if n_cols < LANES and n_cols * row_bytes <= tiles.vmem_budget else None
     best = None
@@ -107,14 +111,25 @@ def column_tile(n_cols: int, n_active: int, itemsize: int, tiles: TpuTiles) -> i
     return best
 
 
-def tpu_unsupported(n_active: int, n_cols: int, dtype, tiles: TpuTiles) -> str:
+def tpu_unsupported(
+    n_active: int, n_cols: int, dtype, tiles: TpuTiles, n_rows: int | None = None
+) -> str:
     """Why the kernels cannot run this shape ('' when they can)."""
-    if column_tile(n_cols, n_active, jnp.dtype(dtype).itemsize, tiles) is None:
+    if column_tile(n_cols, n_active, jnp.dtype(dtype).itemsize, tiles, n_rows) is None:
+        rows = f"[TT, K={n_active}" if n_rows is None else f"[{n_rows}"
         return (
-            f"no column tile: {n_cols} columns are not a multiple of {LANES} (or a [TT, K, "
-            f"tile] scratch with K={n_active} exceeds the VMEM budget {tiles.vmem_budget} B)"
+            f"no column tile: {n_cols} columns are not a multiple of {LANES} (or a {rows}, "
+            f"tile] scratch exceeds the VMEM budget {tiles.vmem_budget} B)"
         )
     return ""
+
+
+def tpu_backward_unsupported(n_active: int, n_cols: int, dtype, tiles: TpuTiles) -> str:
+    """Why the backward's kernels (`tpu_row_dots` on a `dtype` table, `tpu_latent_rows`)
+    cannot run this shape ('' when they can)."""
+    return tpu_unsupported(n_active, n_cols, dtype, tiles) or tpu_unsupported(
+        0, n_cols, jnp.float32, tiles, _latent_rows_scratch(tiles)
+    )
 
 
 def _gather_to_vmem(idx_ref, table_hbm, rows, sem, *, first, n_active, token_tile, col, width):
@@ -192,6 +207,50 @@ def _row_dot_kernel(
 
         zero = jnp.zeros((1, n_active), jnp.float32)
         out_ref[pl.ds(t, 1), :] += jax.lax.fori_loop(0, n_active, add_dot, zero)
+
+
+def _latent_rows_kernel(
+    tok_ref, val_ref, starts_ref, ends_ref, g_hbm, *rest, batch, latent_tile, col_tile, offset
+):
+    """One (latent tile, column tile) of the decoder gradient: the tile's pairs are one
+    contiguous run of the latent-sorted pairs, read in batches of `batch` rows of g; each
+    row is added into its latent's accumulator row (found from the tile's segment ends)."""
+    out_ref, acc, rows, sem = rest[-4:]
+    col = offset + pl.program_id(1) * col_tile
+    for j in range(latent_tile):
+        if len(rest) == 5:  # accumulate onto the previous token chunk's result
+            acc[j] = rest[0][pl.ds(j, 1), :]
+        else:
+            acc[j] = jnp.zeros((1, col_tile), jnp.float32)
+    first, last = starts_ref[0, 0, 0], ends_ref[0, 0, latent_tile - 1]
+
+    @pl.loop(0, (last - first + batch - 1) // batch)
+    def _batch(b):
+        start = first + b * batch
+        count = jnp.minimum(batch, last - start)
+
+        def copy(q):
+            row = g_hbm.at[tok_ref[start + q], :, pl.ds(col, col_tile)]
+            return pltpu.make_async_copy(row, rows.at[q], sem)
+
+        @pl.loop(0, count)
+        def _start(q):
+            copy(q).start()
+
+        @pl.loop(0, count)
+        def _wait(q):
+            copy(q).wait()
+
+        @pl.loop(0, count)
+        def _add(q):
+            pair = start + q
+            slot = jnp.int32(0)
+            for j in range(latent_tile - 1):
+                slot += (ends_ref[0, 0, j] <= pair).astype(jnp.int32)
+            acc[slot] = acc[slot] + val_ref[pair] * rows[q].astype(jnp.float32)
+
+    for j in range(latent_tile):
+        out_ref[pl.ds(j, 1), :] = acc[j]
 
 
 def _vma_aligned(*operands):
@@ -365,3 +424,99 @@ def _row_dot_call(indices, table, g, g_offset, tiles, interpret):
         name="sparse_decode_row_dots_tpu",
     )(*operands)
     return out[:n_tokens]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("n_latents", "col_offset", "n_cols", "tiles", "interpret")
+)
+def tpu_latent_rows(
+    values: jax.Array,
+    indices: jax.Array,
+    g: jax.Array,
+    *,
+    n_latents: int,
+    col_offset: int = 0,
+    n_cols: int | None = None,
+    tiles: TpuTiles | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """values/indices [T, K], g [T, C] -> [F, R] float32, F = n_latents, R = n_cols (default
+    C - col_offset): `Σ_{(t, k): indices[t, k] = f} values[t, k] · g[t, col_offset:+R]`,
+    the decoder gradient, i.e. the transpose of `tpu_gather_rows`.
+
+    The T·K pairs are sorted by latent (per SMEM-sized token chunk); each grid step owns
+    LATENT_TILE latents and one column tile, and sums the g rows of its latents' contiguous
+    run of pairs into a VMEM accumulator. Every output row is written by exactly one step,
+    so no scatter exists anywhere (XLA:TPU's scatter-add of [n, R] rows needs scoped VMEM in
+    proportion to its updates: 19-27 MiB of a 16 MiB limit at the 270M CLT shape). Token
+    chunks accumulate in place (the previous result aliased to the output)."""
+    tiles = tiles or default_tiles()
+    n_cols = g.shape[1] - col_offset if n_cols is None else n_cols
+    if why := tpu_unsupported(0, n_cols, jnp.float32, tiles, _latent_rows_scratch(tiles)):
+        raise ValueError(f"tpu_latent_rows: {why}")
+    out = None
+    for a, b in _token_chunks(values.shape[0], values.shape[1], tiles):
+        out = _latent_rows_call(
+            values[a:b], indices[a:b], a, g, out, n_latents, col_offset, n_cols, tiles, interpret
+        )
+    return out[:n_latents]
+
+
+def _latent_rows_scratch(tiles: TpuTiles) -> int:
+    """Float32 scratch rows of `tpu_latent_rows`: the accumulator and a batch of g rows."""
+    return LATENT_TILE + tiles.token_tile * 8
+
+
+def _latent_rows_call(
+    values, indices, first_token, g, prev, n_latents, offset, n_cols, tiles, interpret
+):
+    from pallas_kernels.decode import sort_by_latent
+
+    n_tokens, n_active = indices.shape
+    lt, batch = LATENT_TILE, _latent_rows_scratch(tiles) - LATENT_TILE
+    col_tile = column_tile(n_cols, 0, 4, tiles, _latent_rows_scratch(tiles))
+    n_pairs = n_tokens * n_active
+    latents, order = sort_by_latent(indices.reshape(-1), n_latents)
+    tokens = first_token + order // n_active
+    pair_values = values.reshape(-1).astype(jnp.float32)[order]
+    n_padded = -(-n_latents // lt) * lt
+    bounds = jnp.searchsorted(latents, jnp.arange(n_padded + 1, dtype=jnp.int32))
+    bounds = jnp.minimum(bounds, n_pairs).astype(jnp.int32)
+    # [tiles, 1, LT] with whole-array trailing dims (Mosaic's rank-1 SMEM blocks need 128+)
+    smem_block = lambda: pl.BlockSpec(
+        (1, 1, lt), lambda i, c, *_: (i, 0, 0), memory_space=pltpu.SMEM
+    )
+    in_specs = [smem_block(), smem_block(), pl.BlockSpec(memory_space=pl.ANY)]
+    g = g.astype(jnp.float32).reshape(g.shape[0], 1, -1)
+    segments = lambda a: a.reshape(-1, 1, lt)
+    operands = [tokens, pair_values, segments(bounds[:-1]), segments(bounds[1:]), g]
+    out_spec = pl.BlockSpec((lt, col_tile), lambda i, c, *_: (i, c))
+    aliases = {}
+    if prev is not None:
+        operands.append(prev)
+        in_specs.append(out_spec)
+        aliases = {len(operands) - 1: 0}
+    operands, mat = _vma_aligned(*operands)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(n_padded // lt, n_cols // col_tile),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        scratch_shapes=[
+            pltpu.VMEM((lt, 1, col_tile), jnp.float32),
+            pltpu.VMEM((batch, 1, col_tile), jnp.float32),
+            pltpu.SemaphoreType.DMA(()),
+        ],
+    )
+    kernel = functools.partial(
+        _latent_rows_kernel, batch=batch, latent_tile=lt, col_tile=col_tile, offset=offset
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=_out_struct((n_padded, n_cols), jnp.float32, mat),
+        grid_spec=grid_spec,
+        input_output_aliases=aliases,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=_interpret(interpret),
+        name="sparse_decode_latent_rows_tpu",
+    )(*operands)

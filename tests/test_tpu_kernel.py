@@ -23,6 +23,7 @@ from pallas_kernels.tpu_kernel import (
     default_tiles,
     generation,
     tpu_gather_rows,
+    tpu_latent_rows,
     tpu_row_dots,
     tpu_unsupported,
 )
@@ -108,10 +109,31 @@ def _grads(values, indices, blocks, cot, impl, dtype=jnp.float32, mesh=None):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(v, b)
 
 
+@pytest.mark.parametrize("max_prefetch", [1 << 15, 24])
+def test_latent_rows_sum_each_latents_rows(max_prefetch):
+    """The decoder gradient per latent: 13 latents (not a whole latent tile), one latent in
+    every token's first slot (a run longer than a batch of rows), a 256-column window at
+    offset 128, token chunks of 8 accumulated in place when SMEM allows 24 pairs per call."""
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal((21, 3)).astype(np.float32)
+    indices = rng.integers(0, 13, (21, 3)).astype(np.int32)
+    indices[:, 0] = 2
+    g = rng.standard_normal((21, 512)).astype(np.float32)
+    tiles = TpuTiles(vmem_budget=1 << 20, max_prefetch=max_prefetch)
+    got = tpu_latent_rows(
+        jnp.asarray(values), jnp.asarray(indices), jnp.asarray(g), n_latents=13,
+        col_offset=128, n_cols=256, tiles=tiles,
+    )  # fmt: skip
+    want = np.zeros((13, 256))
+    np.add.at(want, indices.ravel(), (values[..., None] * g[:, None, 128:384]).reshape(-1, 256))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hot", [False, True])
 def test_tpu_backward_matches_xla(hot):
     """3 source layers, D = 128 (lane-aligned column windows of g at offsets 0/128/256), with
-    and without overflow rows: the Pallas TPU backward equals the XLA one."""
+    and without a hot latent (the XLA path's overflow rows): the Pallas TPU backward equals
+    the XLA one."""
     problem = _problem(24, 3, 5, 12, 128, hot)
     want = _grads(*problem, "xla")
     got = _grads(*problem, "pallas_tpu")

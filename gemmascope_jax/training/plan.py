@@ -91,6 +91,7 @@ class Plan:
     bytes_per_step: float | None
     compile_s: float
     compile_error: str | None = None  # set when XLA refused the program (out of HBM)
+    pallas_kernels: tuple[str, ...] = ()  # Mosaic kernels in the compiled program, by name
 
     @property
     def hbm_bytes(self) -> int:
@@ -170,6 +171,7 @@ class Plan:
             "est_tokens_per_s_per_chip": self.est_tokens_per_s_per_chip,
             "compile_s": round(self.compile_s, 1),
             "compile_error": self.compile_error,
+            "pallas_kernels": list(self.pallas_kernels),
         }
 
     def describe(self) -> str:
@@ -192,6 +194,8 @@ class Plan:
             lines.append(f"  {name:<30} {size / GIB:9.3f} GiB")
         rest = pd["arguments"] - sum(self.argument_breakdown.values())
         lines.append(f"  {'scalars, TPU layout padding':<30} {rest / GIB:9.3f} GiB")
+        if self.pallas_kernels:
+            lines.append(f"Pallas TPU kernels (Mosaic): {', '.join(self.pallas_kernels)}")
         if self.compile_error:
             lines.append(f"XLA refused the program: {self.compile_error}")
         else:
@@ -229,6 +233,11 @@ def topology_devices(topology: str) -> tuple[ChipSpec, list]:
     except Exception as e:  # libtpu's errors are plain runtime errors
         raise PlanError(f"topology {topology!r}: {str(e).splitlines()[0]}") from None
     return CHIPS[generation], list(desc.devices)
+
+
+def compiled_pallas_kernels(hlo_text: str) -> tuple[str, ...]:
+    """Names of this package's Pallas TPU kernels (`sparse_decode_*_tpu`) in compiled HLO."""
+    return tuple(sorted(set(re.findall(r"sparse_decode_\w+_tpu", hlo_text))))
 
 
 def _per_device_bytes(a: jax.ShapeDtypeStruct) -> int:
@@ -343,12 +352,13 @@ def make_plan(cfg: RunConfig, topology: str, *, fsdp: bool | None = None) -> Pla
     breakdown["token batch"] = _per_device_bytes(tokens)
 
     t0 = time.perf_counter()
-    error, flops, bytes_accessed = None, None, None
+    error, flops, bytes_accessed, kernels = None, None, None, ()
     args = sum(breakdown.values())
     try:
         if args > chip.hbm_bytes:  # no need to ask XLA
             raise MemoryError(f"RESOURCE_EXHAUSTED: arguments alone need {args / GIB:.1f} GiB")
-        compiled = jitted.lower(lm_params, state, tokens, scalars).compile()
+        with jax.set_mesh(mesh):  # Pallas TPU lowering reads the chip from the mesh
+            compiled = jitted.lower(lm_params, state, tokens, scalars).compile()
     except Exception as e:  # XLA:TPU refuses programs that exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e) and "hbm" not in str(e).lower():
             raise
@@ -367,6 +377,7 @@ def make_plan(cfg: RunConfig, topology: str, *, fsdp: bool | None = None) -> Pla
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         flops = float(cost.get("flops", 0.0))
         bytes_accessed = float(cost.get("bytes accessed", 0.0))
+        kernels = compiled_pallas_kernels(compiled.as_text())
     per_device["total"] = (
         per_device["arguments"]
         + per_device["temp"]
@@ -388,4 +399,5 @@ def make_plan(cfg: RunConfig, topology: str, *, fsdp: bool | None = None) -> Pla
         bytes_per_step=bytes_accessed,
         compile_s=time.perf_counter() - t0,
         compile_error=error,
+        pallas_kernels=kernels,
     )
