@@ -9,7 +9,7 @@ kernel that stops compiling fails here.
 - `sparse_decode` forward + backward (`value_and_grad`) at the Gemma Scope 2 CLT shapes
   (270M: T 1024, L 18, K 64, F 14560, D 640; 1B: T 2048, L 26, K 64, F 10080, D 1152), bf16
   and float32, on a v5e and a v5p slice, on one chip and latent-sharded over `model` (each
-  chip compiles only its own decoder rows): one compile per case, 15-30 s each on 2 cores.
+  chip compiles only its own decoder rows): one compile per case, 25-70 s each on 2 cores.
 - The whole train step (Gemma 3 270M forward to the sites + every dictionary's update) of a
   CLT (sparse decode), a skip-transcoder set (TopK) and a Matryoshka SAE on a (data 2,
   model 2) v5e mesh, through `gemmascope-jax plan`'s `make_plan`: one compile per module.
@@ -19,49 +19,21 @@ from __future__ import annotations
 
 import warnings
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gemmascope_jax.training.config import load_config
-from gemmascope_jax.training.plan import (
-    CHIPS,
-    compiled_pallas_kernels,
-    make_plan,
-    topology_devices,
+from gemmascope_jax.training.plan import CHIPS, make_plan
+from pallas_kernels.aot import (
+    CLT_SHAPES,
+    DECODE_KERNELS,
+    compile_sparse_decode,
+    compiled_kernels,
+    decoder_bytes,
 )
-from pallas_kernels import sparse_decode
 
 GIB = 1024**3
-# name: (tokens, layers, K, latents per layer, d_model)
-CLT_SHAPES = {"270m": (1024, 18, 64, 14560, 640), "1b": (2048, 26, 64, 10080, 1152)}
-ALL_KERNELS = (
-    "sparse_decode_latent_rows_tpu",
-    "sparse_decode_row_dots_tpu",
-    "sparse_decode_rows_tpu",
-)
-
-
-def _abstract_decode_args(shape, dtype, mesh: Mesh):
-    """values/indices [T, L, K] (tokens over `data`), decoder blocks [F, L - l, D] (latents
-    over `model`), output cotangent [T, L, D]."""
-    n_tokens, n_layers, k, n_latents, d_model = shape
-    tokens = NamedSharding(mesh, PartitionSpec("data"))
-    latents = NamedSharding(mesh, PartitionSpec("model"))
-    values = jax.ShapeDtypeStruct((n_tokens, n_layers, k), dtype, sharding=tokens)
-    indices = jax.ShapeDtypeStruct((n_tokens, n_layers, k), jnp.int32, sharding=tokens)
-    blocks = tuple(
-        jax.ShapeDtypeStruct((n_latents, n_layers - layer, d_model), dtype, sharding=latents)
-        for layer in range(n_layers)
-    )
-    cot = jax.ShapeDtypeStruct((n_tokens, n_layers, d_model), jnp.float32, sharding=tokens)
-    return values, indices, blocks, cot
-
-
-def _decode_loss(values, indices, blocks, cot):
-    return jnp.sum(sparse_decode(values, indices, blocks).astype(jnp.float32) * cot)
+NO_FALLBACK = ".*Pallas TPU kernel skipped"  # the XLA fallback's warning, made an error
 
 
 @pytest.mark.parametrize(
@@ -77,15 +49,10 @@ def test_sparse_decode_forward_and_backward_compile(name, dtype, topology, mesh_
     """`value_and_grad` of the decode compiles natively with all three Mosaic kernels (no
     fallback to XLA), within the chip's HBM; on a latent-sharded mesh each chip's arguments
     hold its 1/model share of the decoder."""
-    chip, devices = topology_devices(topology)
-    data, model = mesh_shape
-    mesh = Mesh(np.array(devices[: data * model]).reshape(data, model), ("data", "model"))
-    args = _abstract_decode_args(CLT_SHAPES[name], jnp.dtype(dtype), mesh)
-    step = jax.jit(jax.value_and_grad(_decode_loss, argnums=(0, 2)))
-    with warnings.catch_warnings(), jax.set_mesh(mesh):
-        warnings.filterwarnings("error", message=".*Pallas TPU kernel skipped")
-        compiled = step.lower(*args).compile()
-    assert compiled_pallas_kernels(compiled.as_text()) == ALL_KERNELS
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=NO_FALLBACK)
+        compiled, _ = compile_sparse_decode(CLT_SHAPES[name], dtype, topology, mesh_shape)
+    assert compiled_kernels(compiled.as_text()) == DECODE_KERNELS
     mem = compiled.memory_analysis()
     total = (
         mem.argument_size_in_bytes
@@ -93,9 +60,10 @@ def test_sparse_decode_forward_and_backward_compile(name, dtype, topology, mesh_
         + mem.temp_size_in_bytes
         + mem.generated_code_size_in_bytes
     )
+    chip = CHIPS[topology.split(":")[0]]
     assert total < chip.hbm_bytes, f"{total / GIB:.1f} GiB per chip"
-    decoder_bytes = sum(b.size * b.dtype.itemsize for b in args[2])
-    assert decoder_bytes / model <= mem.argument_size_in_bytes < 1.1 * decoder_bytes / model
+    share = decoder_bytes(CLT_SHAPES[name], jnp.dtype(dtype)) / mesh_shape[1]
+    assert share <= mem.argument_size_in_bytes < 1.1 * share
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +87,7 @@ def three_kinds_plan(tmp_path_factory):
         "  - {name: sae_6, layers: 6, width: 8192, l0_target: 40, matryoshka: true}\n"
     )
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*Pallas TPU kernel skipped")
+        warnings.filterwarnings("error", message=NO_FALLBACK)
         return make_plan(load_config(path), "v5e:2x2")
 
 
@@ -127,7 +95,7 @@ def test_train_step_of_clt_skip_transcoders_and_matryoshka_sae_compiles(three_ki
     plan = three_kinds_plan
     assert plan.compile_error is None and plan.fits
     assert plan.mesh == {"data": 2, "model": 2} and plan.chip == CHIPS["v5e"]
-    assert set(plan.pallas_kernels) == set(ALL_KERNELS)  # CLT and TopK decode on Mosaic
+    assert plan.pallas_kernels == DECODE_KERNELS  # CLT and TopK decode on Mosaic
     assert set(plan.argument_breakdown) >= {
         "dictionary clt",
         "dictionary skip_5",

@@ -40,6 +40,7 @@ from gemmascope_jax.sharding import lm_rules, logical_sharding, make_mesh
 from gemmascope_jax.training.config import RunConfig
 from gemmascope_jax.training.step import TrainStep
 from gemmascope_jax.training.trainer import _trainings
+from pallas_kernels.aot import compiled_kernels
 
 GIB = 1024**3
 
@@ -235,11 +236,6 @@ def topology_devices(topology: str) -> tuple[ChipSpec, list]:
     return CHIPS[generation], list(desc.devices)
 
 
-def compiled_pallas_kernels(hlo_text: str) -> tuple[str, ...]:
-    """Names of this package's Pallas TPU kernels (`sparse_decode_*_tpu`) in compiled HLO."""
-    return tuple(sorted(set(re.findall(r"sparse_decode_\w+_tpu", hlo_text))))
-
-
 def _per_device_bytes(a: jax.ShapeDtypeStruct) -> int:
     shard = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
     return int(np.prod(shard, dtype=np.int64)) * jnp.dtype(a.dtype).itemsize
@@ -377,7 +373,7 @@ def make_plan(cfg: RunConfig, topology: str, *, fsdp: bool | None = None) -> Pla
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         flops = float(cost.get("flops", 0.0))
         bytes_accessed = float(cost.get("bytes accessed", 0.0))
-        kernels = compiled_pallas_kernels(compiled.as_text())
+        kernels = compiled_kernels(compiled.as_text())
     per_device["total"] = (
         per_device["arguments"]
         + per_device["temp"]
