@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "--fsdp",
         choices=("auto", "on", "off"),
         default="auto",
-        help="shard the LM weights over data too (auto: when tensor parallelism is not enough)",
+        help="shard the LM weights over data too (auto: the config's mesh.fsdp, else when "
+        "tensor parallelism alone leaves them above a quarter of a chip's HBM)",
     )
     plan.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     plan.set_defaults(func=_plan)

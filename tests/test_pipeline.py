@@ -225,7 +225,7 @@ SCRIPT = textwrap.dedent(
     from jax.sharding import PartitionSpec as P
     from gemmascope_jax.data.pipeline import ActivationPipeline, model_mesh
     from gemmascope_jax.gemma3.loading import load_gemma3
-    from gemmascope_jax.sharding import make_mesh
+    from gemmascope_jax.sharding import lm_rules, make_mesh
     from gemmascope_jax.training.checkpoint import Checkpointer
     from gemmascope_jax.training.step import make_train_step
     from gemmascope_jax.training.trainer import _trainings
@@ -237,11 +237,13 @@ SCRIPT = textwrap.dedent(
     data, model_axis = map(int, sys.argv[5:7])
     assert jax.device_count() == data * model_axis, jax.devices()
     mesh = make_mesh(data, model_axis)
-    model, _ = load_gemma3(model_dir, mesh=model_mesh(mesh), tokenizer=False, progress=False)
+    fsdp = data > 1  # 8 devices: FSDP over `data` as well as tensor parallel over `model`
+    model, _ = load_gemma3(model_dir, mesh=model_mesh(mesh), rules=lm_rules(fsdp),
+                           tokenizer=False, progress=False)
     kernel = model.layers[0].mlp.gate_proj.kernel
-    if model_axis > 1:  # the language model is tensor parallel over `model`
-        assert kernel.sharding.spec == P(None, "model"), kernel.sharding
-        assert kernel.addressable_shards[0].data.shape == (64, 96 // model_axis)
+    if model_axis > 1:  # the language model is sharded, no device holds a whole weight
+        assert kernel.sharding.spec == P("data" if fsdp else None, "model"), kernel.sharding
+        assert kernel.addressable_shards[0].data.shape == (64 // data, 96 // model_axis)
     from pathlib import Path
     cfg = run_config(model_dir, Path(run_dir))
     step = make_train_step(_trainings(cfg, model), mesh)

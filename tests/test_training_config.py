@@ -116,6 +116,7 @@ def test_overrides_are_yaml_scalars_at_dotted_keys():
             "dictionaries.-1.l0_target=16",
             "mesh.data=-1",
             "mesh.model=2",
+            "mesh.fsdp=true",
             "mesh.distributed.coordinator_address=10.0.0.1:1234",
             "mesh.distributed.num_processes=2",
             "mesh.distributed.process_id=1",
@@ -129,7 +130,7 @@ def test_overrides_are_yaml_scalars_at_dotted_keys():
     assert cfg.dictionaries[0].width == 8192
     assert cfg.dictionaries[0].matryoshka_widths == (256, 768, 1792, 3840, 8192)
     assert cfg.dictionaries[1].l0_target == 16.0
-    assert cfg.mesh.shape(4) == (2, 2)
+    assert cfg.mesh.shape(4) == (2, 2) and cfg.mesh.fsdp is True
     assert cfg.mesh.distributed_kwargs() == {
         "coordinator_address": "10.0.0.1:1234",
         "num_processes": 2,

@@ -200,6 +200,9 @@ class DistributedConfig:
 class MeshConfig:
     data: int = -1  # -1: the devices left over
     model: int = 1
+    # Also split the language model's d_model axis over `data` (FSDP, `sharding.lm_rules`):
+    # for models whose tensor-parallel slice alone is too big for a chip.
+    fsdp: bool = False
     distributed: DistributedConfig | Literal["auto"] | None = None  # "auto": from env
 
     def shape(self, device_count: int) -> tuple[int, int]:

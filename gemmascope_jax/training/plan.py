@@ -304,6 +304,8 @@ def make_plan(cfg: RunConfig, topology: str, *, fsdp: bool | None = None) -> Pla
         raise PlanError(str(e)) from None
     mesh = make_mesh(data, model_axis, devices=devices)
     lm = abstract_model(cfg)
+    if fsdp is None and cfg.mesh.fsdp:
+        fsdp = True
     if fsdp is None:
         tp_bytes = _lm_bytes_per_device(lm, mesh, fsdp=False)
         fsdp = data > 1 and tp_bytes > FSDP_AUTO_FRACTION * chip.hbm_bytes

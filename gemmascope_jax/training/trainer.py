@@ -39,7 +39,7 @@ from gemmascope_jax.formats import save_dictionary
 from gemmascope_jax.formats.io import FormatError
 from gemmascope_jax.gemma3.loading import load_gemma3
 from gemmascope_jax.gemma3.sites import resolve_site, site_width
-from gemmascope_jax.sharding import make_mesh
+from gemmascope_jax.sharding import lm_rules, make_mesh
 from gemmascope_jax.training.checkpoint import Checkpointer
 from gemmascope_jax.training.config import RunConfig
 from gemmascope_jax.training.losses import LossConfig
@@ -74,7 +74,13 @@ def run_training(cfg: RunConfig) -> RunResult:
         cfg.save(run_dir / "config.yaml")
 
     source = None if cfg.model.source == "embedded" else cfg.model.source
-    model, tok = load_gemma3(source, dtype=cfg.model.dtype, mesh=model_mesh(mesh), progress=lead)
+    model, tok = load_gemma3(
+        source,
+        dtype=cfg.model.dtype,
+        mesh=model_mesh(mesh),
+        rules=lm_rules(cfg.mesh.fsdp),
+        progress=lead,
+    )
     step = make_train_step(_trainings(cfg, model), mesh)
     sites = step.sites
     train_docs, heldout_docs = split_documents(
