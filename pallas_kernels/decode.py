@@ -192,9 +192,12 @@ def xla_gather_rows(values: jax.Array, indices: jax.Array, table: jax.Array) -> 
     over chunks of FORWARD_CHUNK slots keeps the program small."""
     if values.shape[1] <= FORWARD_CHUNK:
         return _fused_rows(values, indices, table)
-    init = jnp.zeros((values.shape[0], table.shape[1]), jnp.float32)
+    # The first chunk starts the carry: inside `shard_map` it then has the operands' varying
+    # mesh axes (a zeros init would not, and the scan would reject the carry's type).
+    chunk_values, chunk_indices = _chunked(values, indices, FORWARD_CHUNK)
+    init = _fused_rows(chunk_values[0], chunk_indices[0], table)
     body = lambda acc, chunk: (acc + _fused_rows(*chunk, table), None)
-    return jax.lax.scan(body, init, _chunked(values, indices, FORWARD_CHUNK))[0]
+    return jax.lax.scan(body, init, (chunk_values[1:], chunk_indices[1:]))[0]
 
 
 def _fused_row_dots(indices, table, g, n_out: int):

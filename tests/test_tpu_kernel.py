@@ -158,10 +158,10 @@ SHARDED = textwrap.dedent(
     from pallas_kernels import sparse_decode
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    impl = sys.argv[1]
+    impl, K = sys.argv[1], int(sys.argv[2])
     mesh = make_mesh(data=2, model=4)
     rng = np.random.default_rng(0)
-    T, L, K, F, D = 16, 3, 4, 32, 8
+    T, L, F, D = 16, 3, 32, 8
     v = jnp.asarray(rng.standard_normal((T, L, K)), jnp.float32)
     i = jnp.asarray(rng.integers(0, F, (T, L, K)), jnp.int32)
     b = tuple(jnp.asarray(rng.standard_normal((F, L - l, D)), jnp.float32) for l in range(L))
@@ -186,17 +186,18 @@ SHARDED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])
-def test_latent_sharded_decode_equals_one_device(impl):
+@pytest.mark.parametrize("impl, k", [("xla", 4), ("xla", 12), ("pallas_tpu", 12)])
+def test_latent_sharded_decode_equals_one_device(impl, k):
     """On a data=2 x model=4 mesh of simulated devices the decode runs in `shard_map` over the
     latent shards (psum over `model`), and its value and gradients equal the unsharded op;
-    the decoder gradient keeps the latent sharding."""
+    the decoder gradient keeps the latent sharding. K = 12 takes the XLA path's scan over
+    slot chunks (its carry must be varying over the mesh axes)."""
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
     }
     proc = subprocess.run(
-        [sys.executable, "-c", SHARDED, impl], env=env, capture_output=True, text=True
+        [sys.executable, "-c", SHARDED, impl, str(k)], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
