@@ -35,7 +35,17 @@ $(INTEROP)/.installed: scripts/interop/requirements.txt
 	$(INTEROP)/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/interop/requirements.txt 2>&1 | $(QUIET_PIP)
 	touch $@
 
-test: $(VENV)/.installed-test interop
+# The jax CUDA PJRT plugin lives in its own venv (in .venv it would print a cuDNN traceback in
+# every run without JAX_PLATFORMS); tests/test_gpu_compile.py runs scripts/gpu_aot_check.py
+# with it: a deviceless H100/H200 compile of the Pallas GPU kernels (docs/gpu_compile.md).
+GPU_AOT := .venv-gpu-aot
+$(GPU_AOT)/.installed: constraints.txt
+	$(PYTHON) -m venv $(GPU_AOT)
+	$(GPU_AOT)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt jax==0.10.2 jaxlib==0.10.2 numpy 2>&1 | $(QUIET_PIP)
+	$(GPU_AOT)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2 2>&1 | $(QUIET_PIP)
+	touch $@
+
+test: $(VENV)/.installed-test interop $(GPU_AOT)/.installed
 	@# The dashboard test drives Debian's headless Chromium; install it when missing.
 	@test -x /usr/bin/chromedriver || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(BIN)/ruff check .
@@ -55,4 +65,4 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python scripts/bench_forward.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(GPU_AOT) .pytest_cache .ruff_cache

@@ -19,6 +19,13 @@ plugin validates a local CUDA install (cuDNN, ...) and fails to register.
 
     python scripts/gpu_aot_check.py                       # 270M CLT shape, both impls, H100
     python scripts/gpu_aot_check.py --gpu h200 --data 2 --model 4 --impls pallas_gpu
+    python scripts/gpu_aot_check.py --selftest            # the suite's checks, one JSON line
+
+`--selftest` is what tests/test_gpu_compile.py runs, with `.venv-gpu-aot/bin/python` (the
+Makefile's venv holding the plugin): four checks (see SELFTESTS), each reported as
+{"ok": bool, "error": str | None, ...facts}; exit 0 when all pass, 1 when one fails, 2 (and
+{"missing": reason}) when the plugin or the CUDA toolchain is not there. Only jax, numpy and
+this repository's `pallas_kernels` are imported.
 
 For each implementation it prints lower and compile times, the number of Triton kernels in
 the compiled program and `memory_analysis()` (argument / output / temp bytes).
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -228,6 +236,129 @@ def compile_report(fn, args) -> dict:
     )
 
 
+# ---- self-test (tests/test_gpu_compile.py) ----------------------------------------------------
+
+SMALL = dict(tokens=40, layers=3, k=5, latents=96, d_model=72)  # ragged tiles, K not pow2
+
+
+def _expect(facts: dict, name: str, ok: bool) -> None:
+    if not ok:
+        raise AssertionError(f"{name}: {facts}")
+
+
+def check_native_triton_kernel() -> dict:
+    """An H100 topology device is a "gpu": `Kernel.for_target` picks the native Triton
+    kernel (not interpret mode), for pallas_gpu and as the GPU default."""
+    from pallas_kernels.decode import Kernel
+
+    mesh = gpu_mesh("h100")
+    device = mesh.devices.flat[0]
+    kernel = Kernel.for_target("pallas_gpu", mesh)
+    facts = dict(
+        platform=device.platform,
+        device_kind=device.device_kind,
+        impl=kernel.impl,
+        interpret=bool(kernel.interpret),
+        default_impl=Kernel.for_target(None, mesh).impl,
+    )
+    _expect(facts, "platform", facts["platform"] == "gpu")
+    _expect(facts, "device_kind", facts["device_kind"] == "NVIDIA H100 80GB HBM3")
+    _expect(facts, "native pallas_gpu", facts["impl"] == "pallas_gpu" and not facts["interpret"])
+    _expect(facts, "GPU default", facts["default_impl"] == "pallas_gpu")
+    return facts
+
+
+def check_small_forward_and_backward() -> dict:
+    """A ragged small decode on one H100: one Triton kernel per source layer in the forward
+    and in the forward+backward (the backward is plain XLA), gradient shapes as the args."""
+    mesh = gpu_mesh("h100")
+    args = decode_args(mesh, **SMALL)
+    forward, backward = decode_fns("pallas_gpu", mesh)
+    fwd = compile_report(forward, args)
+    bwd = compile_report(backward, args)
+    d_values, d_blocks = bwd["compiled"].out_info
+    facts = dict(
+        layers=SMALL["layers"],
+        fwd_triton_kernels=fwd["triton_kernels"],
+        fwd_names_kernel="sparse_decode_rows_gpu" in fwd["text"],
+        bwd_triton_kernels=bwd["triton_kernels"],
+        d_values_shape_ok=d_values.shape == args[0].shape,
+        d_blocks_shapes_ok=[b.shape for b in d_blocks] == [b.shape for b in args[2]],
+        fwd_compile_s=fwd["compile_s"],
+        bwd_compile_s=bwd["compile_s"],
+    )
+    _expect(facts, "fwd kernels", facts["fwd_triton_kernels"] == SMALL["layers"])
+    _expect(facts, "fwd kernel name", facts["fwd_names_kernel"])
+    _expect(facts, "bwd kernels", facts["bwd_triton_kernels"] == SMALL["layers"])
+    _expect(facts, "gradient shapes", facts["d_values_shape_ok"] and facts["d_blocks_shapes_ok"])
+    return facts
+
+
+def check_clt_270m_forward_h100() -> dict:
+    """The issue's shape (1024 tokens, 18 layers, K = 64, F = 14560, d = 640, bf16) on one
+    H100: 18 Triton kernels, the whole decoder (2.97 GiB) as arguments."""
+    mesh = gpu_mesh("h100")
+    forward, _ = decode_fns("pallas_gpu", mesh)
+    report = compile_report(forward, decode_args(mesh, **CLT_270M))
+    facts = dict(
+        layers=CLT_270M["layers"],
+        triton_kernels=report["triton_kernels"],
+        argument_gib=report["argument_bytes"] / 2**30,
+        compile_s=report["compile_s"],
+    )
+    _expect(facts, "kernels", facts["triton_kernels"] == CLT_270M["layers"])
+    _expect(facts, "argument size", 2.9 < facts["argument_gib"] < 3.0)
+    return facts
+
+
+def check_latent_sharded_eight_h200() -> dict:
+    """data=2 x model=4 H200s, the latent-sharded decode (shard_map: Triton kernels on the
+    local rows, a psum over `model` as an all-reduce), forward+backward."""
+    mesh = gpu_mesh("h200", data=2, model=4)
+    _, backward = decode_fns("pallas_gpu", mesh)
+    report = compile_report(backward, decode_args(mesh, **{**SMALL, "latents": 128}))
+    facts = dict(
+        devices=int(mesh.devices.size),
+        device_kind=mesh.devices.flat[0].device_kind,
+        layers=SMALL["layers"],
+        triton_kernels=report["triton_kernels"],
+        all_reduces=report["all_reduces"],
+        compile_s=report["compile_s"],
+    )
+    _expect(facts, "devices", facts["devices"] == 8 and facts["device_kind"] == "NVIDIA H200")
+    _expect(facts, "kernels", facts["triton_kernels"] == SMALL["layers"])
+    _expect(facts, "all-reduce", facts["all_reduces"] >= 1)
+    return facts
+
+
+SELFTESTS = {
+    "native_triton_kernel": check_native_triton_kernel,
+    "small_forward_and_backward": check_small_forward_and_backward,
+    "clt_270m_forward_h100": check_clt_270m_forward_h100,
+    "latent_sharded_eight_h200": check_latent_sharded_eight_h200,
+}
+
+
+def selftest() -> int:
+    """Run SELFTESTS; print one JSON line: {"checks": {name: {"ok", "error", ...}}, ...}."""
+    if why := missing_requirements():
+        print(json.dumps({"missing": why}))
+        print(f"cannot compile for a GPU here: {why}", file=sys.stderr)
+        return 2
+    checks = {}
+    for name, check in SELFTESTS.items():
+        start = time.perf_counter()
+        try:
+            checks[name] = dict(ok=True, error=None, **check())
+        except Exception as err:  # noqa: BLE001 - report every check, then exit 1
+            checks[name] = dict(ok=False, error=f"{type(err).__name__}: {err}"[:4000])
+        checks[name]["seconds"] = round(time.perf_counter() - start, 2)
+    ptxas, libdevice = cuda_toolchain()
+    env = dict(jax=jax.__version__, plugin=cuda_plugin(), ptxas=ptxas, libdevice=libdevice)
+    print(json.dumps({"checks": checks, "env": env}))
+    return 0 if all(c["ok"] for c in checks.values()) else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", choices=sorted(GPU_TARGETS), default="h100")
@@ -239,7 +370,12 @@ def main(argv=None) -> int:
     for name, value in CLT_270M.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--selftest", action="store_true", help="the suite's checks; one JSON line of results"
+    )
     args = parser.parse_args(argv)
+    if args.selftest:
+        return selftest()
 
     if why := missing_requirements():
         print(f"cannot compile for a GPU here: {why}", file=sys.stderr)
