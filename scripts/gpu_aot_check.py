@@ -23,7 +23,8 @@ plugin validates a local CUDA install (cuDNN, ...) and fails to register.
 
 `--selftest` is what tests/test_gpu_compile.py runs, with `.venv-gpu-aot/bin/python` (the
 Makefile's venv holding the plugin): four checks (see SELFTESTS), each reported as
-{"ok": bool, "error": str | None, ...facts}; exit 0 when all pass, 1 when one fails, 2 (and
+{"ok": bool, "error": str | None, ...facts}, each in its own child process (a Triton compile
+error can abort the process); exit 0 when all pass, 1 when one fails, 2 (and
 {"missing": reason}) when the plugin or the CUDA toolchain is not there. Only jax, numpy and
 this repository's `pallas_kernels` are imported.
 
@@ -339,20 +340,46 @@ SELFTESTS = {
 }
 
 
+def run_check(name: str) -> dict:
+    """One of SELFTESTS in this process: {"ok", "error", "seconds", ...facts}."""
+    start = time.perf_counter()
+    try:
+        result = dict(ok=True, error=None, **SELFTESTS[name]())
+    except Exception as err:  # noqa: BLE001 - reported in the JSON
+        result = dict(ok=False, error=f"{type(err).__name__}: {err}"[:4000])
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
 def selftest() -> int:
-    """Run SELFTESTS; print one JSON line: {"checks": {name: {"ok", "error", ...}}, ...}."""
+    """Run each of SELFTESTS in a child process (an XLA/Triton compile error can abort the
+    process: `LLVM Fatal Error while compiling Triton kernel`, then exit, taking the other
+    checks' results with it); print one JSON line: {"checks": {name: {"ok", "error", ...}},
+    "env": ...}. Exit 0 when all pass, 1 when one fails, 2 when a requirement is missing."""
     if why := missing_requirements():
         print(json.dumps({"missing": why}))
         print(f"cannot compile for a GPU here: {why}", file=sys.stderr)
         return 2
+    import subprocess
+
     checks = {}
-    for name, check in SELFTESTS.items():
+    for name in SELFTESTS:
         start = time.perf_counter()
+        argv = [sys.executable, str(Path(__file__).resolve()), "--selftest-check", name]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+        sys.stderr.write(proc.stderr)
+        lines = proc.stdout.strip().splitlines()
         try:
-            checks[name] = dict(ok=True, error=None, **check())
-        except Exception as err:  # noqa: BLE001 - report every check, then exit 1
-            checks[name] = dict(ok=False, error=f"{type(err).__name__}: {err}"[:4000])
-        checks[name]["seconds"] = round(time.perf_counter() - start, 2)
+            checks[name] = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            skip = ("", "*** Begin stack trace ***", "*** End stack trace ***")
+            lines = [line for line in proc.stderr.splitlines() if line.strip() not in skip]
+            tail = "\n".join(lines[-10:])
+            checks[name] = dict(
+                ok=False,
+                error=f"the check's process died (exit {proc.returncode}):\n{tail}",
+                seconds=round(time.perf_counter() - start, 2),
+            )
     ptxas, libdevice = cuda_toolchain()
     env = dict(jax=jax.__version__, plugin=cuda_plugin(), ptxas=ptxas, libdevice=libdevice)
     print(json.dumps({"checks": checks, "env": env}))
@@ -373,9 +400,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--selftest", action="store_true", help="the suite's checks; one JSON line of results"
     )
+    parser.add_argument("--selftest-check", choices=list(SELFTESTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.selftest:
         return selftest()
+    if args.selftest_check:  # one check, for selftest(): its JSON line
+        print(json.dumps(run_check(args.selftest_check)))
+        return 0
 
     if why := missing_requirements():
         print(f"cannot compile for a GPU here: {why}", file=sys.stderr)
