@@ -184,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     from gemmascope_jax.analysis.dashboard import add_dashboard_parser
     from gemmascope_jax.analysis.features import add_inspect_parser
     from gemmascope_jax.analysis.steering import add_steer_parser
+    from gemmascope_jax.data.rollouts import add_rollouts_parser
     from gemmascope_jax.formats.convert import add_convert_parser
 
     add_convert_parser(sub)
+    add_rollouts_parser(sub)
     add_attribute_parser(sub)
     add_steer_parser(sub)
     add_refusal_parser(sub)

@@ -48,7 +48,9 @@ class ActivationStream(grain.DatasetIterator):
     """Shuffled site activations `{site: float32 [batch_tokens, d]}` from token batches.
 
     token_batches: iterator of `tokens` int [B, T], or `(tokens, mask)` / `{"tokens", "mask"}`
-        with mask [B, T] 1 on real tokens (passed to the model as `attention_mask`).
+        with mask [B, T] 1 on real tokens (passed to the model as `attention_mask`); a dict
+        may also hold `"loss_mask"` [B, T]: positions where it is 0 are dropped like <bos>
+        but still attended to (`PackedTokens(loss_mask=True)`: e.g. only response tokens).
     forward: optional replacement for `model.jitted(capture=sites, logits=False)`, called as
         `forward(tokens, attention_mask)` and returning a `Gemma3Output` or a dict of sites.
     drop_remainder: at the end of a finite token stream, drop the last partial batch
@@ -172,12 +174,15 @@ class ActivationStream(grain.DatasetIterator):
         batches, kept = [], 0
         while kept < self.buffer_tokens:
             try:
-                tokens, mask = _split_batch(next(self.tokens))
+                item = next(self.tokens)
             except StopIteration:
                 break
+            tokens, mask = _split_batch(item)
             keep = ~np.isin(tokens, self.drop_ids)
             if mask is not None:
                 keep &= mask.astype(bool)
+            if isinstance(item, Mapping) and item.get("loss_mask") is not None:
+                keep &= np.asarray(item["loss_mask"]).astype(bool)
             batches.append((tokens, mask, keep))
             kept += int(keep.sum())
         if kept == 0:

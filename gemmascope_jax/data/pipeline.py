@@ -205,8 +205,11 @@ class Prefetcher(Iterator):
 # ---- the pipeline --------------------------------------------------------------------------------
 
 
-def packed_tokens(cfg, tok, docs, *, epochs: int | None, seed_offset: int = 0, shard=None):
-    """Packed windows of data shard `shard = (index, count)` (default: one per process)."""
+def packed_tokens(
+    cfg, tok, docs, *, epochs: int | None, seed_offset: int = 0, shard=None, loss_mask=False
+):
+    """Packed windows of data shard `shard = (index, count)` (default: one per process);
+    with `loss_mask`, `{"tokens", "loss_mask"}` batches (`PackedTokens`)."""
     index, count = shard or (jax.process_index(), jax.process_count())
     return PackedTokens(
         docs,
@@ -217,7 +220,13 @@ def packed_tokens(cfg, tok, docs, *, epochs: int | None, seed_offset: int = 0, s
         num_epochs=epochs,
         shard_index=index,
         shard_count=count,
+        loss_mask=loss_mask,
     )
+
+
+def uses_loss_mask(cfg) -> bool:
+    """Whether a data source restricts the trained tokens (`loss_tokens` not "all")."""
+    return any(getattr(s, "loss_tokens", "all") != "all" for s in cfg.data.sources)
 
 
 def activation_stream(
@@ -225,7 +234,15 @@ def activation_stream(
 ) -> ActivationStream:
     """The shuffled activations of data shard `shard` (default: one per process)."""
     shard = shard or (jax.process_index(), jax.process_count())
-    tokens = packed_tokens(cfg, tok, docs, epochs=epochs, seed_offset=seed_offset, shard=shard)
+    tokens = packed_tokens(
+        cfg,
+        tok,
+        docs,
+        epochs=epochs,
+        seed_offset=seed_offset,
+        shard=shard,
+        loss_mask=uses_loss_mask(cfg),
+    )
     return ActivationStream(
         None,
         sites,

@@ -13,6 +13,11 @@ corpora are not loaded into memory:
 - `HFDiskSource`: a `datasets.save_to_disk` directory (`datasets` is imported lazily).
 - `open_source(spec)` picks one of these from a path, a glob or a list of them.
 
+Loss tokens. `LossTokensSource(source, "response" | "prompt" | "all")` tags each chat of a
+source with which of its tokens count for training (`LossTokensChat`, a list of turns);
+`encode_document_with_loss_mask` returns the ids and those flags (see `chat_loss_flags`),
+which `PackedTokens(loss_mask=True)` carries into the activation stream.
+
 Errors name the file (and line, row or field): a missing file, a missing field or column, a
 record that is neither text nor a chat, an empty corpus.
 """
@@ -32,6 +37,7 @@ import numpy as np
 
 Document = str | list[dict]
 _ROLES = ("system", "user", "assistant", "model")
+LOSS_TOKENS = ("all", "response", "prompt")
 
 
 class SourceError(ValueError):
@@ -244,6 +250,36 @@ class SubsetSource:
         return self.source[int(self.indices[i])]
 
 
+class LossTokensChat(list):
+    """A chat (list of turns) tagged with which of its tokens count: `loss_tokens` is "all",
+    "response" (the assistant turns) or "prompt" (everything else)."""
+
+    loss_tokens: str = "all"
+
+
+class LossTokensSource:
+    """The documents of `source`, chats tagged with `loss_tokens` (texts: every token)."""
+
+    def __init__(self, source: Any, loss_tokens: str):
+        if loss_tokens not in LOSS_TOKENS:
+            raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {loss_tokens!r}")
+        self.source, self.loss_tokens = source, loss_tokens
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> Document:
+        doc = self.source[i]
+        if isinstance(doc, str):
+            return doc
+        tagged = LossTokensChat(doc)
+        tagged.loss_tokens = self.loss_tokens
+        return tagged
+
+    def __repr__(self) -> str:
+        return f"LossTokensSource({self.source!r}, {self.loss_tokens!r})"
+
+
 def split_documents(source: Any, holdout: float = 0.1, seed: int = 0):
     """Split a source by document into `(train, heldout)`; deterministic given `seed`."""
     n = len(source)
@@ -279,6 +315,52 @@ def encode_document(tokenizer: Any, doc: Document, chat_generation_prompt: bool 
     else:
         ids = tokenizer.chat(doc, add_generation_prompt=chat_generation_prompt)
     return np.asarray(ids, np.int32)
+
+
+def chat_loss_flags(tokenizer: Any, chat: list[dict], loss_tokens: str) -> np.ndarray:
+    """bool [n] over `tokenizer.chat(chat, add_generation_prompt=False)`: which tokens count.
+
+    "response": the tokens of every assistant turn after its `<start_of_turn>model\n`
+    header, i.e. the content and the `<end_of_turn>` and newline that close it (found by
+    rendering the chat up to the turn with and without it); "prompt": all others but the
+    leading <bos> (system and user turns, turn headers); "all": every token but <bos>.
+    (<bos> is never trained on either way: the activation stream drops it.)
+    """
+    ids = list(tokenizer.chat(chat, add_generation_prompt=False))
+    flags = np.zeros(len(ids), bool)
+    if loss_tokens == "all":
+        flags[:] = True
+    else:
+        for k, turn in enumerate(chat):
+            if turn["role"] in ("assistant", "model"):
+                start = _common_prefix(ids, tokenizer.chat(chat[:k], add_generation_prompt=True))
+                end = _common_prefix(ids, tokenizer.chat(chat[: k + 1]))
+                flags[start:end] = True
+        if loss_tokens == "prompt":
+            flags = ~flags
+        elif loss_tokens != "response":
+            raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {loss_tokens!r}")
+    flags[:1] = False
+    return flags
+
+
+def encode_document_with_loss_mask(tokenizer: Any, doc: Document):
+    """`(ids int32 [n], flags bool [n])`: `encode_document`'s ids and which tokens count for
+    training (all but <bos>, unless `doc` is a `LossTokensChat`; see `chat_loss_flags`)."""
+    mode = getattr(doc, "loss_tokens", "all")
+    if isinstance(doc, str) or mode == "all":
+        ids = encode_document(tokenizer, doc)
+        flags = np.ones(len(ids), bool)
+        flags[:1] = False
+        return ids, flags
+    flags = chat_loss_flags(tokenizer, list(doc), mode)
+    return encode_document(tokenizer, list(doc)), flags
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
 
 
 def open_source(

@@ -3,6 +3,8 @@
 - `atomic_output_dir(out, force)`: write into a temporary sibling folder and rename it into
   place at the end; a failure leaves nothing behind, an existing output is refused unless
   `force`.
+- `atomic_output_file(out)`: the same for one file (a temporary sibling file, flushed and
+  fsynced, renamed over `out` on success; removed on failure).
 - `TensorReader`: read tensors from one safetensors file, checking name, shape, dtype and
   finiteness, and naming the file and tensor in every error.
 """
@@ -41,6 +43,25 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(out: str | os.PathLike, mode: str = "w") -> Iterator:
+    """Yield an open temporary file next to `out` (`mode` "w" or "wb"); on success it is
+    flushed, fsynced and renamed over `out`, so readers see the old file or the whole new one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
 
 

@@ -42,7 +42,8 @@ from gemmascope_jax.training.yaml_schema import (  # ConfigError and the loaders
 from gemmascope_jax.training.yaml_schema import field as _f
 
 DEFAULT_MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)  # groups; the rest is the last
-SOURCE_TYPES = ("txt", "jsonl", "parquet", "datasets", "embedded")
+SOURCE_TYPES = ("txt", "jsonl", "parquet", "datasets", "embedded", "rollouts")
+LOSS_TOKENS = ("all", "response", "prompt")  # data.sources.N.loss_tokens (chat_loss_flags)
 _DEPTH_UNKNOWN = 1 << 30
 
 
@@ -85,11 +86,30 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """`type: rollouts` sources: the model's own responses to chat prompts (`data.rollouts`),
+    generated before training into `out` and reused while the settings are unchanged."""
+
+    out: str | None = None  # JSONL of chats, under run.dir (None: rollouts/source_N.jsonl)
+    max_new_tokens: int = _f(256, min=1)
+    batch_size: int = _f(8, min=1)  # prompts per generate call
+    temperature: float = _f(0.0, min=0)  # 0: greedy
+    top_p: float = _f(1.0, min=0, max=1)
+    seed: int = 0
+    max_prompts: int | None = _f(None, min=1)  # the first N prompts only
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceConfig:
     type: Literal[SOURCE_TYPES] = "embedded"
-    path: str | None = None  # file, glob or directory; not used by "embedded"
-    text_field: str = "text"  # with chat: the field holding the list of turns
+    # file, glob or directory; not used by "embedded"; rollouts: the prompts JSONL (None or
+    # "packaged": the packaged prompt set)
+    path: str | None = None
+    text_field: str = "text"  # with chat: the field holding the list of turns (rollouts: prompt)
     chat: bool = False  # render records with the Gemma 3 chat template
+    # Which tokens of chat documents are trained on: all | response (assistant turns) | prompt.
+    loss_tokens: Literal[LOSS_TOKENS] = "all"
+    rollouts: RolloutConfig = _f(factory=RolloutConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +149,9 @@ class DictionarySpec:
     # topk_recall < 1 uses lax.approx_max_k with that recall (null: exact top-k).
     sparse_k: int | None = _f(None, min=1)
     topk_recall: float | None = _f(None, min=0, max=1)
+    # Start from an exported dictionary (any format `formats.load_dictionary` reads, in raw
+    # activation units) instead of the GS2 init, e.g. an IT dictionary from the PT one.
+    init_from: str | None = None
 
     @property
     def matryoshka_widths(self) -> tuple[int, ...] | None:
@@ -411,7 +434,7 @@ def _validate(cfg: RunConfig, device_count: int | None) -> RunConfig:
         if bad:
             add((key, msg))
     for i, src in enumerate(d.sources):
-        if src.type != "embedded" and not src.path:
+        if src.type not in ("embedded", "rollouts") and not src.path:
             add((f"data.sources.{i}.path", f"required for type {src.type!r}"))
     formats = []
     for i, fmt in enumerate(cfg.export.formats):

@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 from gemmascope_jax.data.activations import normalize
 from gemmascope_jax.data.corpus import embedded_corpus
 from gemmascope_jax.data.pipeline import ActivationPipeline, model_mesh, packed_tokens
-from gemmascope_jax.data.sources import ConcatSource, open_source, split_documents
+from gemmascope_jax.data.rollouts import rollout_documents
+from gemmascope_jax.data.sources import (
+    ConcatSource,
+    LossTokensSource,
+    open_source,
+    split_documents,
+)
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.evals.metrics import evaluate
 from gemmascope_jax.evals.splice import splice_eval
@@ -42,6 +48,7 @@ from gemmascope_jax.gemma3.sites import resolve_site, site_width
 from gemmascope_jax.sharding import lm_rules, make_mesh
 from gemmascope_jax.training.checkpoint import Checkpointer
 from gemmascope_jax.training.config import RunConfig
+from gemmascope_jax.training.init_from import init_from_exports
 from gemmascope_jax.training.losses import LossConfig
 from gemmascope_jax.training.optimizer import OptimizerConfig
 from gemmascope_jax.training.report import RunLogger, write_report
@@ -84,7 +91,7 @@ def run_training(cfg: RunConfig) -> RunResult:
     step = make_train_step(_trainings(cfg, model), mesh)
     sites = step.sites
     train_docs, heldout_docs = split_documents(
-        _documents(cfg), holdout=HELDOUT_FRACTION, seed=cfg.data.seed
+        _documents(cfg, model, tok, progress=lead), holdout=HELDOUT_FRACTION, seed=cfg.data.seed
     )
 
     ckpt = Checkpointer.from_config(cfg)
@@ -106,6 +113,7 @@ def _train(cfg, model, tok, step, ckpt, restored, pipeline, heldout_docs, lead) 
         mean_batch = pipeline.init_norm_scalars()
         mean_batch = mean_batch if cfg.train.init_b_dec_mean else None
         state, start = step.init(seed=cfg.train.seed, mean_batch=mean_batch), 0
+        state = init_from_exports(cfg, step, state, pipeline.scalars)
     scalars = pipeline.scalars
 
     heldout = _HeldoutEval(cfg, model, tok, sites, heldout_docs)
@@ -209,13 +217,18 @@ def _trainings(cfg: RunConfig, model) -> list[DictionaryTraining]:
     return out
 
 
-def _documents(cfg: RunConfig):
+def _documents(cfg: RunConfig, model=None, tok=None, progress: bool = True):
+    """The run's documents; `rollouts` sources are generated with `model` (or reused), chats
+    of a source with `loss_tokens` other than "all" are tagged for the loss mask."""
     parts = []
-    for src in cfg.data.sources:
+    for i, src in enumerate(cfg.data.sources):
         if src.type == "embedded":
-            parts.append(embedded_corpus())
+            docs = embedded_corpus()
+        elif src.type == "rollouts":
+            docs = rollout_documents(cfg, i, model, tok, progress=progress)
         else:
-            parts.append(open_source(src.path, field=src.text_field))
+            docs = open_source(src.path, field=src.text_field)
+        parts.append(docs if src.loss_tokens == "all" else LossTokensSource(docs, src.loss_tokens))
     return parts[0] if len(parts) == 1 else ConcatSource(parts)
 
 
