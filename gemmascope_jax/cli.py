@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     from gemmascope_jax.analysis.steering import add_steer_parser
     from gemmascope_jax.data.rollouts import add_rollouts_parser
     from gemmascope_jax.formats.convert import add_convert_parser
+    from gemmascope_jax.training.finetune import add_finetune_parser
 
+    add_finetune_parser(sub)
     add_convert_parser(sub)
     add_rollouts_parser(sub)
     add_attribute_parser(sub)

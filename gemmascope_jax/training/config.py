@@ -7,9 +7,10 @@ overridden by `key=value` and checked for meaning before any work.
 
 Sections (defaults below): `run`, `model`, `data`, `dictionaries` (plus an optional top-level
 `dictionary_defaults` merged into each), `train`, `mesh`, `checkpoint`, `eval`, `export`,
-`report`; relative directories in `checkpoint`, `export`, `report`, `data.cache_dir` are under
-`run.dir`. Meaning is checked here (sites against the model depth, L0 < width, mesh vs device
-count, width divisible by the `model` axis, ...), every problem at once in a `ConfigError`
+`report`, `finetune` (the end-to-end stage, `training.finetune`); relative directories in
+`checkpoint`, `export`, `report`, `data.cache_dir` are under `run.dir`. Meaning is checked
+here (sites against the model depth, L0 < width, mesh vs device count, width divisible by
+the `model` axis, ...), every problem at once in a `ConfigError`
 naming its dotted key. The generic machinery (`extends`, YAML 1.2 floats, overrides, typed
 building with unknown-key suggestions) is `training.yaml_schema`, so this module is the run's.
 """
@@ -279,6 +280,21 @@ class ReportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """End-to-end KL finetuning after the first stage (`training.finetune`, TR §2.4):
+    `gemmascope-jax finetune CONFIG`; outputs under `<run.dir>/<dir>`."""
+
+    init_from: str | None = None  # first stage's run dir (None: this run's checkpoints)
+    beta: float = _f(1.0, min=0)  # L = (MSE + alpha*beta*KL) / (1 + beta) + sparsity
+    steps: int = _f(1000, min=1)
+    lr: float | None = _f(None, min=0)  # None: the first stage's (dictionary or train.lr)
+    lr_warmup_steps: int = _f(0, min=0)
+    batch_size: int | None = _f(None, min=1)  # data.seq_len windows per step (None: data's)
+    kl_eps: float = _f(1e-8, min=0)  # alpha = MSE / (KL + kl_eps)
+    dir: str = "finetune"  # checkpoints/, report/, export/ of the stage, under run.dir
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     run: RunSection = _f(factory=RunSection)
     model: ModelConfig = _f(factory=ModelConfig)
@@ -290,6 +306,7 @@ class RunConfig:
     eval: EvalConfig = _f(factory=EvalConfig)
     export: ExportConfig = _f(factory=ExportConfig)
     report: ReportConfig = _f(factory=ReportConfig)
+    finetune: FinetuneConfig = _f(factory=FinetuneConfig)
 
     @classmethod
     def from_dict(cls, raw: dict, *, device_count: int | None = None) -> RunConfig:
