@@ -137,8 +137,8 @@ class FinetuneStep(TrainStep):
     trainings: the dictionaries with their finetune loss / optimizer settings; model: the
     language model (parameters placed on `mesh`, or anywhere: they are then replicated);
     scalars: `{site: normalisation scalar}` of the first stage; beta, kl_eps: β and ε.
-    The batch is `{"tokens": int32 [B, T]}` (packed windows, <bos> first).
-    """
+    The batch is `{"tokens": int32 [B, T]}` (packed windows, <bos> first), optionally with
+    `"loss_mask"` bool [B, T] (`PackedTokens(loss_mask=True)`: a source's `loss_tokens`)."""
 
     def __init__(
         self,
@@ -191,8 +191,13 @@ class FinetuneStep(TrainStep):
         pre = d.pre_activations(x)
         return pre, d.activate(pre, bandwidth=t.loss.bandwidth if jump else None)
 
-    def losses(self, params, tokens: jax.Array, lm_params, step, return_parts: bool = False):
+    def losses(
+        self, params, tokens: jax.Array, lm_params, step, return_parts=False, loss_mask=None
+    ):
         """(total loss, [metrics per dictionary]) for dictionary `params` on `tokens`.
+
+        `loss_mask` [B, T] (a source's `loss_tokens`, e.g. only the responses of chats)
+        further restricts the spliced tokens, hence the MSE, the sparsity term and the KL.
 
         Each metrics dict: `loss`, `e2e_loss` ((MSE + αβKL)/(1+β)), `mse`, `kl`, `alpha`,
         `sparsity_loss`, `l0`, `fire_counts`, `ce_clean`, `ce_spliced`, `delta_loss` (this
@@ -200,6 +205,8 @@ class FinetuneStep(TrainStep):
         model = nnx.merge(self.graphdef, jax.lax.stop_gradient(lm_params))
         tokens = jnp.asarray(tokens)
         valid, spliced = token_masks(tokens, self.bos_id, self.pad_id)
+        if loss_mask is not None:
+            spliced = spliced & jnp.asarray(loss_mask, bool)
         b, t_len = tokens.shape
         clean = model(tokens, attention_mask=valid, capture=self.sites)
         logp_clean = jax.lax.stop_gradient(jax.nn.log_softmax(_f32(clean.logits[:, :-1]), axis=-1))
@@ -307,11 +314,11 @@ class FinetuneStep(TrainStep):
     def step_fn(self, state: TrainState, batch: Mapping[str, jax.Array], lm_params=None):
         lm_params = self.lm_params if lm_params is None else lm_params
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-            return self._ft_step(state, batch["tokens"], lm_params)
+            return self._ft_step(state, batch["tokens"], batch.get("loss_mask"), lm_params)
 
-    def _ft_step(self, state: TrainState, tokens, lm_params):
+    def _ft_step(self, state: TrainState, tokens, loss_mask, lm_params):
         def loss_fn(params):
-            return self.losses(params, tokens, lm_params, state.step)
+            return self.losses(params, tokens, lm_params, state.step, loss_mask=loss_mask)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         params, opt_states, fired, out = [], [], [], {}
@@ -336,7 +343,7 @@ class FinetuneStep(TrainStep):
 
     def _jitted(self, state: TrainState, batch: Mapping[str, jax.Array]):
         tokens = batch["tokens"]
-        key = (tuple(tokens.shape), str(tokens.dtype))
+        key = (tuple(tokens.shape), str(tokens.dtype), "loss_mask" in batch)
         if key not in self._compiled:
             b_sh = self.batch_shardings(batch)
             _, m_shape = jax.eval_shape(self.step_fn, state, dict(batch), self.lm_params)
@@ -349,8 +356,9 @@ class FinetuneStep(TrainStep):
         return self._compiled[key]
 
     def __call__(self, state: TrainState, batch: Mapping[str, jax.Array]):
-        """One finetune update of every dictionary on `{"tokens": [B, T]}`."""
-        batch = {"tokens": batch["tokens"]}
+        """One finetune update of every dictionary on `{"tokens": [B, T]}` (and optionally
+        `"loss_mask"` [B, T])."""
+        batch = {k: batch[k] for k in ("tokens", "loss_mask") if k in batch}
         return self._jitted(state, batch)(state, batch, self.lm_params)
 
 
@@ -431,7 +439,7 @@ def _folded(step, dictionaries, scalars) -> dict:
 
 def run_finetune(cfg) -> FinetuneResult:
     """Run (or resume) the finetune stage of a validated `RunConfig` (module docstring)."""
-    from gemmascope_jax.data.pipeline import model_mesh, packed_tokens
+    from gemmascope_jax.data.pipeline import model_mesh, packed_tokens, uses_loss_mask
     from gemmascope_jax.data.sources import split_documents
     from gemmascope_jax.gemma3.loading import load_gemma3
     from gemmascope_jax.sharding import lm_rules, make_mesh
@@ -475,7 +483,9 @@ def run_finetune(cfg) -> FinetuneResult:
         pad_id=int(getattr(tok, "pad_id", 0)),
     )
     train_docs, heldout_docs = split_documents(
-        _documents(cfg), holdout=HELDOUT_FRACTION, seed=cfg.data.seed
+        _documents(cfg, model, tok, progress=cfg.report.progress),
+        holdout=HELDOUT_FRACTION,
+        seed=cfg.data.seed,
     )
     data_cfg = dataclasses.replace(cfg.data, batch_size=ft.batch_size or cfg.data.batch_size)
     tokens = packed_tokens(
@@ -485,6 +495,7 @@ def run_finetune(cfg) -> FinetuneResult:
         epochs=None,
         seed_offset=_DATA_SEED_OFFSET,
         shard=(0, 1),
+        loss_mask=uses_loss_mask(cfg),
     )
     ckpt = Checkpointer(
         out_dir / "checkpoints",
@@ -504,7 +515,8 @@ def run_finetune(cfg) -> FinetuneResult:
     logger = RunLogger(report_dir, tensorboard=False)
     stopped, t0 = False, time.perf_counter()
     for i in range(start, ft.steps):
-        batch = step.put_batch({"tokens": next(tokens)})
+        batch = next(tokens)
+        batch = step.put_batch(batch if isinstance(batch, dict) else {"tokens": batch})
         state, metrics = step(state, batch)
         done = i + 1
         if done % cfg.report.log_every == 0 or done == ft.steps:
