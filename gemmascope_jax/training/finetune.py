@@ -29,7 +29,10 @@ inside one `jax.jit` with explicit shardings: dictionary parameters as in the fi
 `load_gemma3(mesh=...)` placed them. The model is frozen: its parameters are an argument
 under `stop_gradient`, and only the dictionaries' parameters are differentiated. The clean
 forward computes the sites and logits; each dictionary then runs one spliced forward to the
-logits (the layers before the site are the clean run's computation, which XLA shares).
+logits. That forward re-runs the layers below the site (the clean run's ops on the same
+inputs; whether XLA merges the copies was not measured, and starting from the clean
+residual at the site would remove them); no gradient flows there, as nothing below the site
+depends on the dictionary.
 JumpReLU codes use the first stage's straight-through estimator for θ (in MSE and KL alike),
 so θ's gradient is the STE's, the others are exact.
 
