@@ -28,11 +28,9 @@ inside one `jax.jit` with explicit shardings: dictionary parameters as in the fi
 (latents over `model`), token rows over `data`, the language model's parameters where
 `load_gemma3(mesh=...)` placed them. The model is frozen: its parameters are an argument
 under `stop_gradient`, and only the dictionaries' parameters are differentiated. The clean
-forward computes the sites and logits; each dictionary then runs one spliced forward to the
-logits. That forward re-runs the layers below the site (the clean run's ops on the same
-inputs; whether XLA merges the copies was not measured, and starting from the clean
-residual at the site would remove them); no gradient flows there, as nothing below the site
-depends on the dictionary.
+forward computes the sites, the logits and `resid_pre` of each dictionary's first layer;
+each dictionary then runs one spliced forward from there to the logits (`forward_from`: the
+layers below the site are not re-run, and nothing there depends on the dictionary).
 JumpReLU codes use the first stage's straight-through estimator for θ (in MSE and KL alike),
 so θ's gradient is the STE's, the others are exact.
 
@@ -90,6 +88,28 @@ def _f32(a: jax.Array) -> jax.Array:
 
 def _expand(w: jax.Array, like: jax.Array) -> jax.Array:
     return w.reshape(w.shape + (1,) * (like.ndim - w.ndim))
+
+
+def forward_from(model, resid_pre: jax.Array, start: int, valid: jax.Array, interventions):
+    """Logits [B, T, V] of `model` run from layer `start`'s input `resid_pre` [B, T, d] (the
+    clean run's `resid_pre.{start}`) to the unembedding, with `interventions` at sites of
+    layers >= start: the same computation as `model(tokens, attention_mask=valid,
+    interventions=...)` without re-running layers 0..start-1."""
+    from gemmascope_jax.gemma3.model import _attention_masks, _rope_tables, _SiteHooks
+
+    cfg = model.cfg
+    hook = _SiteHooks(cfg.num_layers, (), interventions)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+    masks = _attention_masks(valid, cfg.sliding_window)
+    ropes = {
+        sliding: _rope_tables(positions, cfg.head_dim, *model._rope_params(sliding), cfg.dtype)
+        for sliding in (True, False)
+    }
+    h = resid_pre
+    for i in range(start, cfg.num_layers):
+        sliding = cfg.is_sliding(i)
+        h = model.layers[i](h, ropes[sliding], masks[sliding], hook.at_layer(i))
+    return model.unembed(model.norm(h))
 
 
 class _CausalSplicer:
@@ -168,6 +188,7 @@ class FinetuneStep(TrainStep):
         self.beta, self.kl_eps = float(beta), float(kl_eps)
         self.bos_id, self.pad_id = int(bos_id), int(pad_id)
         self.graphdef, lm_params = nnx.split(model)
+        self.num_layers = model.cfg.num_layers
         on_mesh = all(
             isinstance(getattr(a, "sharding", None), NamedSharding)
             and a.sharding.mesh.shape == self.mesh.shape
@@ -188,6 +209,16 @@ class FinetuneStep(TrainStep):
         s_in = np.asarray([self.scalars[s] for s in t.cfg.input_sites], np.float32)
         s_out = np.asarray([self.scalars[s] for s in t.cfg.output_sites], np.float32)
         return (s_in, s_out) if t.cfg.multilayer else (s_in[0], s_out[0])
+
+    def _start_layer(self, t: DictionaryTraining) -> int:
+        """The first layer whose computation the dictionary's splice can change."""
+        from gemmascope_jax.gemma3.sites import resolve_site
+
+        layers = [resolve_site(s, self.num_layers).layer for s in t.cfg.input_sites]
+        layers += [resolve_site(s, self.num_layers).layer for s in t.cfg.output_sites]
+        if None in layers:
+            raise ValueError(f"{t.label}: finetuning splices per-layer sites, not {t.cfg}")
+        return min(layers)
 
     def _codes(self, t: DictionaryTraining, d, x):
         jump = t.cfg.architecture == "jumprelu"
@@ -211,7 +242,9 @@ class FinetuneStep(TrainStep):
         if loss_mask is not None:
             spliced = spliced & jnp.asarray(loss_mask, bool)
         b, t_len = tokens.shape
-        clean = model(tokens, attention_mask=valid, capture=self.sites)
+        starts = [self._start_layer(t) for t in self.trainings]
+        resid = [f"resid_pre.{i}" for i in sorted(set(starts))]
+        clean = model(tokens, attention_mask=valid, capture=(*self.sites, *resid))
         logp_clean = jax.lax.stop_gradient(jax.nn.log_softmax(_f32(clean.logits[:, :-1]), axis=-1))
         p_clean = jnp.exp(logp_clean)
         kl_mask = (spliced[:, :-1] & valid[:, 1:]).astype(jnp.float32)
@@ -252,8 +285,10 @@ class FinetuneStep(TrainStep):
                     return jnp.where(spliced[..., None], new.astype(h.dtype), h)
 
                 interventions = {cfg.output_sites[0]: put}
-            patched = model(tokens, attention_mask=valid, interventions=interventions)
-            logp = jax.nn.log_softmax(_f32(patched.logits[:, :-1]), axis=-1)
+            start = starts[i]
+            h0 = jax.lax.stop_gradient(clean.sites[f"resid_pre.{start}"])
+            logits = forward_from(model, h0, start, valid, interventions)
+            logp = jax.nn.log_softmax(_f32(logits[:, :-1]), axis=-1)
             kl = jnp.sum(kl_mask * jnp.sum(p_clean * (logp_clean - logp), axis=-1)) / n_kl
             alpha = jax.lax.stop_gradient(mse / (kl + self.kl_eps))
             e2e = (mse + alpha * self.beta * kl) / (1.0 + self.beta)
