@@ -218,9 +218,11 @@ def test_loss_mask_restricts_the_spliced_tokens(ft, sae_step):
 
 
 def test_finetune_lowers_spliced_kl_on_heldout_tokens(sae_step):
-    """24 finetune steps (β = 8) on random token batches lower the spliced KL and delta LM
-    loss on other, held-out tokens (splice eval) well below the starting SAE's (by > 30 %;
-    0.97 -> 0.60), and below the same steps with β = 0, MSE and sparsity only (0.62)."""
+    """24 finetune steps (β = 8) on random token batches lower the spliced KL on other,
+    held-out tokens (splice eval) well below the starting SAE's (by > 30 %; 0.97 -> 0.60),
+    and below the same steps with β = 0, MSE and sparsity only (0.62). The delta LM loss of
+    this random model on random tokens is negative (the splice makes the predictions
+    flatter), so it is not asserted."""
     step, state0 = sae_step
     mse_only = FinetuneStep(
         step.trainings, step.mesh, _model(step), step.scalars, beta=0.0, donate=False
@@ -244,7 +246,7 @@ def test_finetune_lowers_spliced_kl_on_heldout_tokens(sae_step):
         return splice(state)
 
     (kl0, dl0), (kl1, dl1), (kl_mse, _) = splice(state0), train(step), train(mse_only)
-    assert kl1 < 0.7 * kl0 and dl1 < dl0, (kl0, kl1, dl0, dl1, kl_mse)
+    assert kl1 < 0.7 * kl0, (kl0, kl1, dl0, dl1, kl_mse)
     assert kl1 < 0.98 * kl_mse, (kl0, kl1, kl_mse)
 
 
@@ -346,12 +348,12 @@ def test_finetune_from_yaml_lowers_kl_and_matches_on_8_devices_and_after_sigkill
     with jax.enable_x64(False):  # as in the subprocesses (the unit tests' fixture sets it)
         result = run_finetune(load_config(cfg["one"], [init]))
 
-    # the finetune lowers the spliced KL and delta LM loss (held-out text) from the first
-    # stage's dictionaries (the strong check is the unit test above)
+    # the finetune lowers the spliced KL (held-out text) from the first stage's dictionaries
+    # (the strong check is the unit test above; on these random models the delta LM loss is
+    # negative, so it is no measure of faithfulness here)
     for name in ("sae", "skip"):
         before, after = result.before[name], result.after[name]
         assert after["kl"] < before["kl"], (name, before, after)
-        assert after["delta_loss"] < before["delta_loss"], (name, before, after)
     summary = json.loads((tmp_path / "one" / "finetune" / "report" / "summary.json").read_text())
     assert summary["after"]["sae"]["kl"] == pytest.approx(result.after["sae"]["kl"])
 
