@@ -1,6 +1,7 @@
 """Ahead-of-time TPU compiles of the sparse decode, on any machine with libtpu (no TPU).
 
-    compiled, seconds = compile_sparse_decode(CLT_SHAPES["1b"], "bfloat16", "v5p:2x2x1", (1, 4))
+    compiled, seconds, args = compile_sparse_decode(
+        CLT_SHAPES["1b"], "bfloat16", "v5p:2x2x1", mesh_shape=(1, 4))
     compiled_kernels(compiled.as_text())  # ('sparse_decode_latent_rows_tpu', ...)
 
 `jax.experimental.topologies.get_topology_desc(topology, platform="tpu")` gives abstract TPU
@@ -64,9 +65,9 @@ def abstract_decode_args(shape, dtype, mesh: Mesh):
 
 
 def compile_sparse_decode(shape, dtype, topology: str, mesh_shape=(1, 1), impl=None):
-    """(compiled `value_and_grad` of the decode w.r.t. values and decoder, compile seconds)
-    for `topology`'s first data x model chips; `impl` None picks it from the mesh (Pallas
-    TPU, natively compiled), "xla" compiles the XLA formulation for comparison."""
+    """(compiled `value_and_grad` of the decode w.r.t. values and decoder, compile seconds,
+    its abstract arguments) for `topology`'s first data x model chips; `impl` None picks it
+    from the mesh (Pallas TPU, natively compiled), "xla" compiles the XLA formulation."""
 
     def _decode_loss(values, indices, blocks, cot):
         out = sparse_decode(values, indices, blocks, impl=impl)
@@ -80,7 +81,12 @@ def compile_sparse_decode(shape, dtype, topology: str, mesh_shape=(1, 1), impl=N
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step.lower(*args).compile()
-    return compiled, time.perf_counter() - start
+    return compiled, time.perf_counter() - start, args
+
+
+def bytes_per_chip(a: jax.ShapeDtypeStruct) -> int:
+    """Bytes of one chip's shard of an abstract array."""
+    return int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
 
 
 def decoder_bytes(shape, dtype) -> int:

@@ -51,7 +51,7 @@ def row(case: str, impl: str | None) -> str:
     data, model = mesh_shape
     label = f"| {name} | {dtype} | {topology} | {data}x{model} | {impl or 'pallas_tpu'} |"
     try:
-        compiled, seconds = compile_sparse_decode(
+        compiled, seconds, _ = compile_sparse_decode(
             CLT_SHAPES[name], dtype, topology, mesh_shape, impl=impl
         )
     except Exception as e:  # XLA:TPU refusals are plain runtime errors
