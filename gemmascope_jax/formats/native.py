@@ -46,7 +46,9 @@ def load(path: Path, *, progress: bool = False):
     if meta.get("format") != FORMAT_ID:
         raise FormatError(f"{meta_path}: 'format' is {meta.get('format')!r}, not {FORMAT_ID!r}")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise FormatError(f"{meta_path}: 'format_version' must be a positive int, got {version!r}")
+    if version > FORMAT_VERSION:
         raise FormatError(
             f"{meta_path}: format_version {version!r} is not supported (this library reads "
             f"versions up to {FORMAT_VERSION}; upgrade gemmascope-jax)"
@@ -58,7 +60,7 @@ def load(path: Path, *, progress: bool = False):
     except (TypeError, ValueError) as e:
         raise FormatError(f"{meta_path}: invalid config: {e}") from None
     specs = dictionary_class(cfg.kind).param_specs(cfg)
-    listed = {t.get("name"): t for t in meta.get("tensors", []) if isinstance(t, dict)}
+    listed = _listed_tensors(meta.get("tensors", []), meta_path)
 
     reader = TensorReader(path / PARAMS_FILE)
     optional = [n for n in specs if n.split(".")[0] in OPTIONAL_PARAMS]
@@ -74,7 +76,7 @@ def load(path: Path, *, progress: bool = False):
             )
         entry = listed.get(name)
         if entry is not None and (
-            list(entry.get("shape", [])) != list(value.shape) or entry.get("dtype") != cfg.dtype
+            entry["shape"] != list(value.shape) or entry["dtype"] != cfg.dtype
         ):
             raise FormatError(
                 f"{meta_path}: tensor {name!r} is listed as {entry}, but {reader.path} holds "
@@ -86,6 +88,33 @@ def load(path: Path, *, progress: bool = False):
         return dictionary_class(cfg.kind).from_arrays(cfg, arrays)
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from None
+
+
+def _listed_tensors(tensors, meta_path: Path) -> dict[str, dict]:
+    """`dictionary.json` "tensors": a list of {"name": str, "shape": [int >= 0], "dtype": str}."""
+    if not isinstance(tensors, list):
+        raise FormatError(
+            f"{meta_path}: 'tensors' must be a list of {{name, shape, dtype}} objects, got "
+            f"{tensors!r:.100}"
+        )
+    listed = {}
+    for i, t in enumerate(tensors):
+        ok = (
+            isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and isinstance(t.get("dtype"), str)
+            and isinstance(t.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in t["shape"])
+        )
+        if not ok:
+            raise FormatError(
+                f'{meta_path}: \'tensors\'[{i}] must be {{"name": str, "shape": [int >= 0], '
+                f'"dtype": str}}, got {t!r:.200}'
+            )
+        if t["name"] in listed:
+            raise FormatError(f"{meta_path}: 'tensors' lists {t['name']!r} twice")
+        listed[t["name"]] = t
+    return listed
 
 
 def save(obj, out_dir: Path, *, progress: bool = False) -> None:
