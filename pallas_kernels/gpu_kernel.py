@@ -29,28 +29,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.manual_call import manual_pallas_call
+
 TOKEN_TILE = 16
 MAX_COL_TILE = 512
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _vma_aligned(*operands):
-    """Inside `shard_map` (with its varying-axes check) the operands made varying over the
-    union of their manual mesh axes, and that type for the output; outside, unchanged and
-    None (as `tpu_kernel._vma_aligned`)."""
-    axes = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
-    if not axes:
-        return operands, None
-
-    def widen(x):
-        missing = tuple(sorted(axes - jax.typeof(x).mat.varying))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    operands = tuple(widen(x) for x in operands)
-    return operands, jax.typeof(operands[0]).mat
 
 
 def _kernel(idx_ref, val_ref, table_ref, *rest, n_active: int, n_cols: int, col_tile: int):
@@ -108,10 +94,10 @@ def gpu_gather_rows(
         operands.append(jnp.full((n_padded, out_cols), jnp.nan, jnp.float32))
         in_specs.append(pl.BlockSpec((TOKEN_TILE, col_tile), lambda i, c: (i, c)))
         aliases = {3: 0}
-    operands, mat = _vma_aligned(*operands)
-    out = pl.pallas_call(
+    out = manual_pallas_call(
         functools.partial(_kernel, n_active=n_slots, n_cols=n_cols, col_tile=col_tile),
-        out_shape=jax.ShapeDtypeStruct((n_padded, out_cols), jnp.float32, manual_axis_type=mat),
+        operands,
+        (n_padded, out_cols),
         grid=(n_padded // TOKEN_TILE, n_col_tiles),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((TOKEN_TILE, col_tile), lambda i, c: (i, c)),
@@ -119,5 +105,5 @@ def gpu_gather_rows(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="sparse_decode_rows_gpu",
-    )(*operands)
+    )
     return out[:n_tokens, :n_cols]

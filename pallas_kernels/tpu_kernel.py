@@ -49,6 +49,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.manual_call import manual_pallas_call
+
 LANES = 128
 MiB = 1 << 20
 # Default scoped-VMEM limit per generation (what XLA:TPU grants a kernel without an explicit
@@ -253,24 +255,18 @@ def _latent_rows_kernel(
         out_ref[pl.ds(j, 1), :] = acc[j]
 
 
-def _vma_aligned(*operands):
-    """Inside `shard_map` (with its varying-axes check): the operands made varying over the
-    union of their manual mesh axes, and that type for the kernel's output; outside, the
-    operands unchanged and None."""
-    axes = frozenset().union(*(jax.typeof(x).mat.varying for x in operands))
-    if not axes:
-        return operands, None
-
-    def widen(x):
-        missing = tuple(sorted(axes - jax.typeof(x).mat.varying))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    operands = tuple(widen(x) for x in operands)
-    return operands, jax.typeof(operands[0]).mat
-
-
-def _out_struct(shape, dtype, mat) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+def _tpu_call(kernel, operands, out_shape, grid_spec, semantics, interpret, name, aliases=None):
+    """One Mosaic kernel call: float32 [out_shape], typed for an enclosing `shard_map`."""
+    return manual_pallas_call(
+        kernel,
+        operands,
+        out_shape,
+        grid_spec=grid_spec,
+        input_output_aliases=aliases or {},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        interpret=_interpret(interpret),
+        name=name,
+    )
 
 
 def _interpret(interpret: bool | None):
@@ -337,7 +333,6 @@ def _gather_call(values, indices, table, col_offset, n_cols, tiles, interpret, p
         operands.append(jnp.full((n_padded, n_cols), jnp.nan, jnp.float32))
         in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
         aliases = {3: 0}
-    operands, mat = _vma_aligned(*operands)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(n_padded // tt, n_cols // col_tile),
@@ -351,15 +346,16 @@ def _gather_call(values, indices, table, col_offset, n_cols, tiles, interpret, p
     kernel = functools.partial(
         _gather_kernel, n_active=n_active, token_tile=tt, col_tile=col_tile, offset=col_offset
     )
-    out = pl.pallas_call(
+    out = _tpu_call(
         kernel,
-        out_shape=_out_struct((n_padded, n_cols), jnp.float32, mat),
-        grid_spec=grid_spec,
-        input_output_aliases=aliases,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=_interpret(interpret),
-        name="sparse_decode_rows_tpu",
-    )(*operands)
+        operands,
+        (n_padded, n_cols),
+        grid_spec,
+        ("parallel", "parallel"),
+        interpret,
+        "sparse_decode_rows_tpu",
+        aliases,
+    )
     return out[:n_tokens]
 
 
@@ -414,15 +410,15 @@ def _row_dot_call(indices, table, g, g_offset, tiles, interpret):
         ],
     )
     kernel = functools.partial(_row_dot_kernel, n_active=n_active, token_tile=tt, col_tile=col_tile)
-    operands, mat = _vma_aligned(indices.reshape(-1), g, table.reshape(table.shape[0], 1, -1))
-    out = pl.pallas_call(
+    out = _tpu_call(
         kernel,
-        out_shape=_out_struct((n_padded, n_active), jnp.float32, mat),
-        grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=_interpret(interpret),
-        name="sparse_decode_row_dots_tpu",
-    )(*operands)
+        (indices.reshape(-1), g, table.reshape(table.shape[0], 1, -1)),
+        (n_padded, n_active),
+        grid_spec,
+        ("parallel", "arbitrary"),
+        interpret,
+        "sparse_decode_row_dots_tpu",
+    )
     return out[:n_tokens]
 
 
@@ -496,7 +492,6 @@ def _latent_rows_call(
         operands.append(prev)
         in_specs.append(out_spec)
         aliases = {len(operands) - 1: 0}
-    operands, mat = _vma_aligned(*operands)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(n_padded // lt, n_cols // col_tile),
@@ -511,12 +506,13 @@ def _latent_rows_call(
     kernel = functools.partial(
         _latent_rows_kernel, batch=batch, latent_tile=lt, col_tile=col_tile, offset=offset
     )
-    return pl.pallas_call(
+    return _tpu_call(
         kernel,
-        out_shape=_out_struct((n_padded, n_cols), jnp.float32, mat),
-        grid_spec=grid_spec,
-        input_output_aliases=aliases,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=_interpret(interpret),
-        name="sparse_decode_latent_rows_tpu",
-    )(*operands)
+        operands,
+        (n_padded, n_cols),
+        grid_spec,
+        ("parallel", "parallel"),
+        interpret,
+        "sparse_decode_latent_rows_tpu",
+        aliases,
+    )

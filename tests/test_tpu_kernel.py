@@ -186,12 +186,13 @@ SHARDED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("impl, k", [("xla", 4), ("xla", 12), ("pallas_tpu", 12)])
+@pytest.mark.parametrize("impl, k", [("xla", 4), ("xla", 12), ("pallas_tpu", 4)])
 def test_latent_sharded_decode_equals_one_device(impl, k):
     """On a data=2 x model=4 mesh of simulated devices the decode runs in `shard_map` over the
     latent shards (psum over `model`), and its value and gradients equal the unsharded op;
     the decoder gradient keeps the latent sharding. K = 12 takes the XLA path's scan over
-    slot chunks (its carry must be varying over the mesh axes)."""
+    slot chunks (its carry must be varying over the mesh axes); the Pallas TPU kernels run
+    interpreted, so K = 4 keeps them fast."""
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
