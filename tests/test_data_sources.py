@@ -1,5 +1,6 @@
 """Text sources (txt, jsonl, parquet, datasets, chat) through packing with the real Gemma 3
-tokenizer, their error messages, and the embedded corpus size in tokens."""
+tokenizer, their error messages, the embedded corpora (size in tokens, the mixed corpus's mix)
+and the held-out split by source."""
 
 from __future__ import annotations
 
@@ -68,14 +69,69 @@ def expected_tokens(tok, docs):
 
 
 def test_embedded_corpus_token_count(tok):
-    src = embedded_corpus()
+    """The narrow pydoc corpus, named explicitly (the default is the mixed corpus)."""
+    src = embedded_corpus("pydoc")
     n = count_tokens(src, tok)
     print(f"\nembedded corpus {src.name}: {len(src)} documents, {n:,} Gemma 3 tokens")
-    assert len(src) > 50 and n > 50_000
+    assert len(src) > 50 and n > 50_000 and src.narrow
     assert src.titles == sorted(src.titles) and "if" in src.titles
     if sys.version_info[:3] == (3, 11, 7):  # the number in corpus.py's docstring
         assert n == 112_706 and count_tokens(src, tok, include_bos=True) == 112_785
+    assert open_source("embedded:pydoc")[0] == src[0]
+
+
+def test_mixed_corpus_is_the_default_and_diverse(tok):
+    """Every kind of text is there with a fair share of tokens; every document is labelled."""
+    from collections import Counter
+
+    from gemmascope_jax.data.corpus import source_kind
+    from gemmascope_jax.data.sources import encode_document
+
+    src = embedded_corpus()
+    assert src.name == "mixed" and not src.narrow and len(src.labels) == len(src)
     assert open_source("embedded")[0] == src[0]
+    tokens, docs = Counter(), Counter()
+    for i in range(len(src)):
+        kind = source_kind(src.labels[i])
+        tokens[kind] += len(encode_document(tok, src[i])) - 1
+        docs[kind] += 1
+    total = sum(tokens.values())
+    shares = {k: round(v / total, 3) for k, v in tokens.items()}
+    print(f"\nmixed corpus: {len(src)} documents, {total:,} tokens; {dict(docs)}; {shares}")
+    assert total > 400_000
+    for kind in ("wikipedia.en", "chat", "kjv", "code", "pydoc"):
+        assert 0.05 < shares[kind] < 0.5, (kind, shares)
+    assert shares["wikipedia.en"] == max(shares.values())  # mostly ordinary prose
+    chats = [src[i] for i in range(len(src)) if source_kind(src.labels[i]) == "chat"]
+    assert all(isinstance(c, list) and c[0]["role"] == "user" for c in chats)
+    assert {c[1]["role"] for c in chats} == {"assistant"}
+
+
+def test_split_holds_out_by_source():
+    """The held-out split is made of whole sources that training never sees."""
+    src = embedded_corpus()
+    train, heldout = split_documents(src, holdout=0.1, seed=0)
+    assert len(train) + len(heldout) == len(src)
+    train_labels = {src.labels[i] for i in train.indices}
+    held_labels = {src.labels[i] for i in heldout.indices}
+    assert held_labels == set(src.heldout_sources)
+    assert not train_labels & held_labels
+    kinds = {label.split("/")[0] for label in held_labels}
+    assert {"wikipedia.en", "chat", "kjv", "code"} <= kinds  # one or more of each kind
+    assert 0.04 < len(heldout) / len(src) < 0.25
+    # the seed does not change a by-source split; wrappers keep the labels
+    assert (split_documents(src, seed=3)[1].indices == heldout.indices).all()
+    _, held2 = split_documents(ConcatSource([src, ListSourceOf(TEXTS)]))
+    assert (held2.indices == heldout.indices).all()
+    # an unlabelled corpus is still split by document
+    plain_train, plain_held = split_documents(embedded_corpus("pydoc"), holdout=0.1)
+    assert len(plain_held) == round(0.1 * len(embedded_corpus("pydoc")))
+
+
+def ListSourceOf(docs):
+    from gemmascope_jax.data.sources import ListSource
+
+    return ListSource(docs)
 
 
 def test_text_files_dir_glob_and_paragraphs(tok, tmp_path):

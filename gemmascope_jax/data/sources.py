@@ -280,8 +280,48 @@ class LossTokensSource:
         return f"LossTokensSource({self.source!r}, {self.loss_tokens!r})"
 
 
+def source_labels(source: Any) -> list[str | None] | None:
+    """Each document's source label, or None where `source` carries none (`labels` on a
+    labelled corpus; through `ConcatSource`, `LossTokensSource` and `SubsetSource`)."""
+    if isinstance(source, LossTokensSource):
+        return source_labels(source.source)
+    if isinstance(source, SubsetSource):
+        inner = source_labels(source.source)
+        return None if inner is None else [inner[int(i)] for i in source.indices]
+    if isinstance(source, ConcatSource):
+        parts = [source_labels(s) for s in source.sources]
+        if all(p is None for p in parts):
+            return None
+        return [
+            x for p, s in zip(parts, source.sources, strict=True) for x in (p or [None] * len(s))
+        ]
+    labels = getattr(source, "labels", None)
+    return None if labels is None else list(labels)
+
+
+def heldout_sources(source: Any) -> tuple[str, ...]:
+    """The source labels a corpus holds out (`heldout_sources`, through the wrappers)."""
+    if isinstance(source, LossTokensSource | SubsetSource):
+        return heldout_sources(source.source)
+    if isinstance(source, ConcatSource):
+        return tuple(h for s in source.sources for h in heldout_sources(s))
+    return tuple(getattr(source, "heldout_sources", ()) or ())
+
+
 def split_documents(source: Any, holdout: float = 0.1, seed: int = 0):
-    """Split a source by document into `(train, heldout)`; deterministic given `seed`."""
+    """Split a source into `(train, heldout)`; deterministic given `seed`.
+
+    By source where the corpus names held-out sources (the mixed embedded corpus: every
+    document whose label is in `heldout_sources` is held out, all others train; training
+    never sees those sources). Otherwise by document: a `holdout` fraction at random.
+    """
+    held = set(heldout_sources(source))
+    labels = source_labels(source) if held else None
+    if labels is not None:
+        out = [i for i, label in enumerate(labels) if label in held]
+        keep = [i for i, label in enumerate(labels) if label not in held]
+        if out and keep:
+            return SubsetSource(source, keep), SubsetSource(source, out)
     n = len(source)
     k = max(1, round(holdout * n))
     if not 0 < holdout < 1 or k >= n:
@@ -372,17 +412,18 @@ def open_source(
 ) -> Any:
     """A source from a path, glob or list of them, by file type.
 
-    `"embedded"` is the default corpus (`corpus.embedded_corpus()`); `*.jsonl` -> JsonlSource,
+    `"embedded"` is the default corpus (`corpus.embedded_corpus()`; `"embedded:pydoc"` the
+    narrow one); `*.jsonl` -> JsonlSource,
     `*.parquet` -> ParquetSource, a directory with a `datasets` `state.json` or
     `dataset_dict.json` -> HFDiskSource (with `split`); any other directory is searched
     recursively for `*.txt`; any other file is plain text (`text_split` = "file" or
     "blank_lines"). `field` names the jsonl field / parquet column / datasets column.
     """
     if isinstance(spec, str | os.PathLike):
-        if str(spec) == "embedded":
+        if str(spec) == "embedded" or str(spec).startswith("embedded:"):
             from gemmascope_jax.data.corpus import embedded_corpus
 
-            return embedded_corpus()
+            return embedded_corpus(str(spec).partition(":")[2] or None)
         paths = _expand(str(spec))
     else:
         paths = [p for s in spec for p in _expand(str(s))]

@@ -223,7 +223,7 @@ def _documents(cfg: RunConfig, model=None, tok=None, progress: bool = True):
     parts = []
     for i, src in enumerate(cfg.data.sources):
         if src.type == "embedded":
-            docs = embedded_corpus()
+            docs = embedded_corpus(src.path)
         elif src.type == "rollouts":
             docs = rollout_documents(cfg, i, model, tok, progress=progress)
         else:
