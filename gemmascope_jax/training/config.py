@@ -201,7 +201,8 @@ class TrainConfig:
     sparsity_warmup_steps: int = _f(50_000, min=0)  # linear 0 -> lambda
     l0_penalty: Literal["batch", "token"] = "batch"  # square the batch-mean or each token's L0
     l0_target_decay_steps: int = _f(50_000, min=0)  # from dictionaries' l0_target_init
-    freq_penalty_coeff: float = _f(0.0, min=0)  # high-frequency-latent penalty (0 = off)
+    # high-frequency penalty (0 = off); 3 removes every latent above freq_penalty_max (GS2 TR)
+    freq_penalty_coeff: float = _f(3.0, min=0)
     freq_penalty_max: float = _f(0.1, min=0, max=1)
     bandwidth: float = _f(0.001, min=0)  # JumpReLU STE, in normalised units
     adam_betas: tuple[float, float] = (0.0, 0.999)

@@ -26,7 +26,10 @@ is the default because it pulls the *average* L0 to the target without also forc
 token to the same L0. λ(t) warms up linearly from 0 (`sparsity_warmup_steps`); L0*(t) may
 decay from `l0_target_init` (CLTs and crosscoders, TR §3.3). The high-frequency penalty's
 GS2 form is unknown; this one punishes latents firing on more than `freq_penalty_max` of the
-batch (TR §4.2 uses 10 %).
+batch (TR §4.2 uses 10 %). Its step function (`freq_step`) passes the STE gradient to θ and
+to the pre-activations: through θ alone the encoder bias rises with θ and a dense latent
+stays dense. The recipe's default (`TrainConfig.freq_penalty_coeff` 3) leaves no latent
+above 10 % (tests/test_freq_penalty.py); `LossConfig` itself defaults to off.
 
 TopK / BatchTopK (codes from `Dictionary.activate`; gradients flow through the kept values),
 with the auxiliary-k loss of Gao et al. (as sparsify / dictionary_learning) for dead
@@ -307,12 +310,37 @@ def _jumprelu_penalties(d: Dictionary, pre, lcfg: LossConfig, step, metrics) -> 
     metrics.update(sparsity_loss=sparsity, sparsity_coeff=coeff, l0_target=target)
     if lcfg.freq_penalty_coeff <= 0:
         return sparsity
-    freq = jnp.mean(step_fn, axis=0)  # [(L,) F] firing frequency, STE for θ
+    # [(L,) F] firing frequency; its STE reaches θ *and* the pre-activations (the encoder),
+    # else the encoder bias follows θ up and the frequency never falls (see freq_step)
+    freq = jnp.mean(freq_step(pre, d.threshold[...].astype(pre.dtype), lcfg.bandwidth), axis=0)
     penalty = lcfg.freq_penalty_coeff * jnp.sum(
         jnp.square(jax.nn.relu(freq - lcfg.freq_penalty_max))
     )
     metrics["freq_penalty"] = penalty
     return sparsity + penalty
+
+
+@jax.custom_vjp
+def freq_step(pre: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """`1[pre > θ]` with the rectangle-kernel STE on both sides: d/dθ = -K/ε (as
+    `heaviside_ste`) and d/dpre = +K/ε. For the high-frequency penalty: with the gradient on θ
+    alone, the encoder bias rises with θ (both by ~lr per Adam step) and a dense latent stays
+    dense; through the pre-activations the penalty also lowers the encoder's output."""
+    return (pre > threshold).astype(pre.dtype)
+
+
+def _freq_step_fwd(pre, threshold, bandwidth):
+    return freq_step(pre, threshold, bandwidth), (pre, threshold, bandwidth)
+
+
+def _freq_step_bwd(res, g):
+    pre, threshold, bandwidth = res
+    k = (jnp.abs((pre - threshold) / bandwidth) < 0.5).astype(pre.dtype) / bandwidth * g
+    d_th = -k.sum(axis=tuple(range(k.ndim - jnp.ndim(threshold))))
+    return k, d_th.reshape(jnp.shape(threshold)).astype(jnp.result_type(threshold)), None
+
+
+freq_step.defvjp(_freq_step_fwd, _freq_step_bwd)
 
 
 def _aux_k_loss(d, pre, residual, steps_since_fired, num_dead, lcfg: LossConfig, metrics):
