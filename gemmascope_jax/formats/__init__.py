@@ -139,7 +139,14 @@ def load_dictionary(path: str | os.PathLike, format: str | None = None, *, progr
     name = detect_format(path) if format is None else canonical_format(format)
     if not path.is_dir():
         raise FormatError(f"{path}: no such dictionary folder")
-    return format_module(name).load(path, progress=progress)
+    try:
+        return format_module(name).load(path, progress=progress)
+    except (TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as e:
+        # a safety net: every known malformation has its own message; anything else in a
+        # file is still reported as a malformed folder, never as a bare crash
+        raise FormatError(
+            f"{path}: malformed {name} dictionary folder ({type(e).__name__}: {e})"
+        ) from e
 
 
 def save_dictionary(

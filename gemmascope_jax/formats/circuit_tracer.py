@@ -158,6 +158,14 @@ def _layer_indices(path: Path, pattern: str, config: dict) -> list[int]:
     return list(range(n))
 
 
+def _length(reader: TensorReader, name: str) -> int:
+    """The length of the 1-d tensor `name` (a bias), or FormatError naming file and tensor."""
+    shape = reader.shape(name)
+    if len(shape) != 1:
+        raise FormatError(f"{reader.path}: tensor {name!r} has shape {shape}, expected 1-d")
+    return shape[0]
+
+
 def _dtype_of(reader: TensorReader, name: str) -> str:
     dtype = str(reader.file.dtype(name))
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
@@ -218,7 +226,7 @@ def _load_set(path: Path, config: dict, progress: bool):
             ["W_enc", "W_dec", "b_enc", "b_dec"],
             optional=["W_skip", "activation_function.threshold"],
         )
-        (width,), (d_model,) = reader.shape("b_enc"), reader.shape("b_dec")
+        width, d_model = _length(reader, "b_enc"), _length(reader, "b_dec")
         arrays = {
             "w_enc": reader.read("W_enc", (width, d_model), dtype=None).T,
             "b_enc": reader.read("b_enc", dtype=None),
@@ -272,7 +280,7 @@ def _load_clt(path: Path, config: dict, progress: bool):
     n_layers = len(layers)
     first = TensorReader(path / "W_enc_0.safetensors")
     first.require(["W_enc_0", "b_enc_0", "b_dec_0"], optional=["threshold_0"])
-    (width,), (d_model,) = first.shape("b_enc_0"), first.shape("b_dec_0")
+    width, d_model = _length(first, "b_enc_0"), _length(first, "b_dec_0")
     jumprelu, dtype = "threshold_0" in first, _dtype_of(first, "W_enc_0")
     w_enc, b_enc, b_dec, threshold, arrays = [], [], [], [], {}
     for i in tqdm(layers, desc=f"loading {path.name}", unit="layer", disable=not progress):

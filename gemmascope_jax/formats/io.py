@@ -134,6 +134,11 @@ class TensorReader:
             )
         value = np.asarray(self.file.tensor(name))
         floating = value.dtype.kind == "f" or str(value.dtype) == "bfloat16"
-        if floating and not np.isfinite(value.astype(np.float32)).all():
+        if not floating:  # dictionary weights are floats: an int/bool dtype is a lying header
+            raise FormatError(
+                f"{self.path}: tensor {name!r} has dtype {value.dtype}, expected a floating-point "
+                "dtype (float32, bfloat16, float16 or float64)"
+            )
+        if not np.isfinite(value.astype(np.float32)).all():
             raise FormatError(f"{self.path}: tensor {name!r} contains NaN or inf")
         return value.astype(dtype) if dtype is not None else np.array(value)

@@ -176,7 +176,7 @@ def load(path: Path, *, progress: bool = False):
     top, meta = _normalized_config(read_json(cfg_path), cfg_path)
 
     arch = top.get("architecture", "standard")
-    if arch not in _IMPORT:
+    if not isinstance(arch, str) or arch not in _IMPORT:
         raise FormatError(
             f"{cfg_path}: architecture {arch!r} is not supported; supported: {sorted(_IMPORT)}"
         )
