@@ -177,7 +177,9 @@ def test_logit_lens_matches_direct_computation(tiny_model, tiny_dicts):
         (clt, 4, 2, np.asarray(clt.w_dec[2][...])[4].sum(0)),  # all target layers of source 2
     ]
     for d, latent, layer, direction in cases:
-        logits = (direction * scale) @ embed.T
+        # through the final RMSNorm as if it were the whole residual stream
+        rms = np.sqrt(np.mean(direction.astype(np.float64) ** 2) + 1e-6)
+        logits = (direction / rms * scale) @ embed.T
         lens = logit_lens(tiny_model, d, latent, layer=layer, k=5)
         np.testing.assert_array_equal(lens.promoted_ids, np.argsort(-logits)[:5])
         np.testing.assert_array_equal(lens.suppressed_ids, np.argsort(logits)[:5])
@@ -185,6 +187,20 @@ def test_logit_lens_matches_direct_computation(tiny_model, tiny_dicts):
         np.testing.assert_allclose(lens.suppressed_values, np.sort(logits)[:5], rtol=1e-4)
     promoted, _, _, _ = logit_lens_table(tiny_model, sae, [7, 3, 7], k=5, chunk=2)
     np.testing.assert_array_equal(promoted[0], promoted[2])
+
+
+def test_logit_lens_scale_is_independent_of_the_decoder_norm(tiny_model, tiny_dicts):
+    """A direction's lens logits do not change when its decoder row is scaled (raw-unit
+    exports have rows of norm ~ the residual stream's): the same values at x1 and x1000."""
+    from flax import nnx
+
+    sae = tiny_dicts["sae"]
+    base = logit_lens(tiny_model, sae, 7, k=5)
+    big = nnx.clone(sae)
+    big.w_dec[...] = big.w_dec[...] * 1000.0
+    scaled = logit_lens(tiny_model, big, 7, k=5)
+    np.testing.assert_array_equal(base.promoted_ids, scaled.promoted_ids)
+    np.testing.assert_allclose(base.promoted_values, scaled.promoted_values, rtol=1e-4)
 
 
 def test_bad_input_errors(tiny_model, tiny_dicts, prompt):
@@ -226,3 +242,5 @@ def test_gemma_scope_2_dictionary_on_real_model(real_model, tmp_path):
         top_features(model, tok, d, [{"role": "model", "content": "Hi"}])
     lens = logit_lens(model, d, 5, k=3, tokenizer=tok)
     assert len(lens.promoted_tokens) == 3 and lens.promoted_values[0] >= lens.promoted_values[-1]
+    # on the model's own logit scale (tens), not ±34,000 (issue 13)
+    assert 1 < lens.promoted_values[0] < 200 and -200 < lens.suppressed_values[0] < -1

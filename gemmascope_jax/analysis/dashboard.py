@@ -216,8 +216,9 @@ def _latent_page(ex: MaxExamples, flat: int, chosen: list[int], j: int, lens, to
             else "<p>never fired on the corpus</p>"
         ),
         lens_note=html.escape(
-            "decoder direction x (1 + final-norm weight), times the unembedding (no RMS "
-            "division); logits of the top promoted and suppressed tokens"
+            "logits the model would output if its last residual stream were the decoder "
+            "direction alone (through the final RMSNorm, then the unembedding); top promoted "
+            "and suppressed tokens"
         ),
         lens=lens_html,
         examples_note=html.escape(

@@ -15,11 +15,15 @@ dictionaries have their normalisation folded in, so raw activations go in).
 
 Logit lens convention: a latent's write direction d (its decoder row; for a CLT the sum of its
 rows over all target layers, the total it adds to the residual stream; for a crosscoder the
-row of its deepest output layer) is scaled by the final RMSNorm's weight `(1 + w)` and
-multiplied by the unembedding: `logits = (d * (1 + w_norm)) @ W_E^T`. The RMS division is not
-applied (a direction has no meaningful scale), as in TransformerLens with the final norm
-folded into W_U, which is what Gemma Scope 2's and Neuronpedia's logit tables show. Only
-dictionaries writing to a residual-stream site (resid_*, attn_out, mlp_out) have a lens.
+row of its deepest output layer) is passed through the model's final RMSNorm as if it were
+the whole residual stream, then the unembedding:
+`logits = (d / rms(d) * (1 + w_norm)) @ W_E^T`, rms(d) = sqrt(mean(d²) + eps). These are the
+logits the model would output if its last residual stream were the direction alone (the
+RMSNorm makes them independent of d's norm; a unit-norm d gives the same), so they read on
+the model's own logit scale (tens), whatever the dictionary's units. Without the RMS
+division the raw-unit decoder rows of the 270M gave logits of about ±34,000 (issue 13).
+Rankings are unchanged by the division (one positive factor per latent). Only dictionaries
+writing to a residual-stream site (resid_*, attn_out, mlp_out) have a lens.
 """
 
 from __future__ import annotations
@@ -333,16 +337,21 @@ def write_directions(d: Dictionary, flat: Sequence[int] | np.ndarray) -> jax.Arr
     return jnp.stack(rows)
 
 
-def lens_logits(directions: jax.Array, norm_weight: jax.Array, embedding: jax.Array):
-    """Logit-lens logits [n, vocab] of write directions [n, d_model]: `(d * (1 + w)) @ E^T`."""
-    scaled = directions.astype(jnp.float32) * (1.0 + norm_weight.astype(jnp.float32))
+def lens_logits(
+    directions: jax.Array, norm_weight: jax.Array, embedding: jax.Array, eps: float = 1e-6
+):
+    """Logit-lens logits [n, vocab] of write directions [n, d_model]: each direction through
+    the final RMSNorm, `(d / rms(d) * (1 + w)) @ E^T` (module doc)."""
+    d = directions.astype(jnp.float32)
+    d = d * jax.lax.rsqrt(jnp.mean(jnp.square(d), axis=-1, keepdims=True) + eps)
+    scaled = d * (1.0 + norm_weight.astype(jnp.float32))
     return jnp.matmul(scaled, embedding.astype(jnp.float32).T, precision="highest")
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _lens_top(directions, norm_weight, embedding, *, k: int):
+@functools.partial(jax.jit, static_argnames=("k", "eps"))
+def _lens_top(directions, norm_weight, embedding, *, k: int, eps: float = 1e-6):
     """directions [n, D] -> (top values, ids), (bottom values, ids), each [n, k]."""
-    logits = lens_logits(directions, norm_weight, embedding)
+    logits = lens_logits(directions, norm_weight, embedding, eps)
     top = jax.lax.top_k(logits, k)
     bottom_values, bottom_ids = jax.lax.top_k(-logits, k)
     return top, (-bottom_values, bottom_ids)
@@ -361,7 +370,11 @@ def logit_lens_table(
         piece = flat[start : start + chunk]
         padded = np.pad(piece, (0, chunk - len(piece)))  # one compiled shape
         (tv, ti), (bv, bi) = _lens_top(
-            write_directions(d, padded), model.norm.weight[...], model.embed_tokens[...], k=k
+            write_directions(d, padded),
+            model.norm.weight[...],
+            model.embed_tokens[...],
+            k=k,
+            eps=float(getattr(model.cfg, "rms_norm_eps", 1e-6)),
         )
         parts.append([np.asarray(a)[: len(piece)] for a in (ti, tv, bi, bv)])
     if not parts:
