@@ -3,7 +3,7 @@
 Shapes: values/indices [T, K], table [F, R] (one source layer's causal decoder block seen as
 rows of R = (L - l)·D), out [T, R] float32.
 
-Why Triton and not Mosaic GPU (REFERENCE §6.2): on jax 0.10.2 the Mosaic GPU backend wants
+Why Triton and not Mosaic GPU (docs/kernels.md): on jax 0.10.2 the Mosaic GPU backend wants
 `plgpu.kernel` (its `pallas_call` path is deprecated), its row gather on H100/H200 would need
 one async copy per row (TMA gathers are Blackwell only), and its interpreter is private and
 single-block only, so it could not be tested on CPU. The Triton lowering indexes a ref with

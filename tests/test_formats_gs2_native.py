@@ -1,6 +1,6 @@
 """Gemma Scope 2 and native formats, the format registry and the `convert` verb.
 
-GS2 folders are built here in the exact released layout (REFERENCE §3) with the real
+GS2 folders are built here in the exact released layout (docs/formats.md) with the real
 `safetensors` package and random numpy weights; the loaded dictionaries are checked against
 an independent float64 numpy computation of the GS2 formulas. Round trips GS2 -> native ->
 GS2 must reproduce every tensor byte for byte and config.json exactly; native -> native is

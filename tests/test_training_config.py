@@ -21,7 +21,7 @@ from gemmascope_jax.training.config import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO = CONFIGS / "demo.yaml"
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.name != "base.yaml")
-# REFERENCE §1.1, row "GS2 subset layers".
+# docs/gemma3.md, row "GS2 subset layers".
 SUBSET_LAYERS = {"270m": (5, 9, 12, 15), "1b": (7, 13, 17, 22)}
 
 
@@ -48,7 +48,8 @@ def test_demo_is_the_make_demo_job():
         True,
     )
     assert sae.width == tc.width == 4096 and sae.l0_target == tc.l0_target == 32
-    # REFERENCE §5.4: groups 1/32, 1/16, 1/8, 1/4, rest -> prefixes 1/32, 3/32, 7/32, 15/32, 1.
+    # docs/recipe.md (Matryoshka): groups 1/32, 1/16, 1/8, 1/4, rest
+    # -> prefixes 1/32, 3/32, 7/32, 15/32, 1.
     assert sae.matryoshka_widths == tuple(4096 * n // 32 for n in (1, 3, 7, 15, 32))
     assert tc.matryoshka_widths is None
     assert cfg.data.cache_dir and cfg.data.epochs > 1
@@ -97,7 +98,7 @@ def test_gs2_recipes_use_the_subset_layers_and_gs2_hook_points(size):
     assert dc.skip and dc.matryoshka_widths[-1] == dc.width == 16384
     clt = load_config(CONFIGS / f"gs2/clt_{size}.yaml").dictionaries[0]
     assert clt.layers == tuple(range(preset(size).num_layers))
-    assert clt.width * len(clt.layers) in (262_080,)  # GS2 "262k" CLT label (REFERENCE §3.5)
+    assert clt.width * len(clt.layers) in (262_080,)  # GS2 "262k" CLT label (docs/formats.md)
 
 
 def test_crosscoder_recipe():
@@ -295,7 +296,7 @@ def test_dictionary_config_bridge():
     sae = cfg.dictionaries[0].dictionary_config(640, 640, model_name="gemma-3-270m")
     assert (sae.d_in, sae.width, sae.l0_target, sae.layers) == (640, 4096, 32, (9,))
     assert sae.matryoshka_widths == (128, 384, 896, 1920, 4096)
-    assert sae.hf_hook_points_in == ("model.layers.9.output",)  # REFERENCE §2
+    assert sae.hf_hook_points_in == ("model.layers.9.output",)  # docs/formats.md, Sites
     assert sae.extra["name"] == "resid_post_9_matryoshka"
 
 

@@ -1,4 +1,4 @@
-"""Training core: the JumpReLU STE gradient of the full loss against the REFERENCE §5.1
+"""Training core: the JumpReLU STE gradient of the full loss against the docs/recipe.md
 formula (numpy), recovery of a known sparse dictionary, Matryoshka levels, aux-k revival of
 dead TopK latents, the decoder constraint, every kind in one multi-dictionary step,
 schedules and the Adam(b1=0) shortcut, BatchTopK -> JumpReLU export."""
@@ -69,7 +69,7 @@ def train(training, x, steps, batch, seed=0, state=None, every=None):
 @pytest.mark.parametrize("form", ["batch", "token"])
 def test_threshold_gradient_matches_reference_formula(form):
     """d loss / d θ with Matryoshka levels and the quadratic L0 penalty, against the
-    REFERENCE §5.1 STE formulas written out in numpy (encoder = identity, so the
+    docs/recipe.md STE formulas written out in numpy (encoder = identity, so the
     pre-activations are the hand-made inputs themselves)."""
     eps, lam, target = 0.1, 0.7, 1.5
     theta = np.array([0.5, 0.3, 0.2], np.float32)

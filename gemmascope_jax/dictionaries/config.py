@@ -1,6 +1,6 @@
 """`DictionaryConfig`: what a dictionary is, independent of its weights.
 
-One frozen dataclass describes every kind (REFERENCE §3, §5):
+One frozen dataclass describes every kind (docs/formats.md, docs/recipe.md):
 
 | kind              | reads           | predicts           | parameters (F = width)             |
 |-------------------|-----------------|--------------------|------------------------------------|

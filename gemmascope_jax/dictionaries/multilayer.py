@@ -1,7 +1,7 @@
 """`MultiLayerDictionary`: cross-layer transcoder (CLT) and weakly causal crosscoder.
 
 Both read L source layers and write to the same L layers causally: latents of source layer
-l decode to layers l' >= l only (REFERENCE §3.5, §3.6, TR §2.6). A CLT reads `mlp_in.l` and
+l decode to layers l' >= l only (docs/formats.md, TR §2.6). A CLT reads `mlp_in.l` and
 predicts `mlp_out.l'` for all model layers; a crosscoder reads and predicts one site (e.g.
 `resid_post`) at a subset of layers (e.g. 7, 13, 17, 22).
 

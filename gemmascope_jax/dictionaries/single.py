@@ -1,6 +1,6 @@
 """`SingleLayerDictionary`: SAE, transcoder and skip-transcoder, in Gemma Scope 2 layout.
 
-Parameters (F = width; file orientation of GS2 `params.safetensors`, REFERENCE §3.4):
+Parameters (F = width; file orientation of GS2 `params.safetensors`, docs/formats.md):
 
 | name        | shape         | logical axes     | use                                      |
 |-------------|---------------|------------------|------------------------------------------|

@@ -19,9 +19,9 @@ overflow [..., L], indices local to each source layer's F latents.
 Encoders: `sparsify` turns dense codes (e.g. JumpReLU) into this form with an overflow count;
 `topk_codes` is the TopK activation straight to sparse form, per row (for multi-layer
 dictionaries: per source layer), exact (`lax.top_k`) or approximate (`lax.approx_max_k` at a
-recall target, REFERENCE §5.6). Both pass gradients to the kept values.
+recall target, TR App. B.2; docs/recipe.md). Both pass gradients to the kept values.
 
-`decode_rows` is the gather-and-sum decode (REFERENCE §6.4): `out = Σ_k v[k] · W[i[k]]`,
+`decode_rows` is the gather-and-sum decode (docs/kernels.md): `out = Σ_k v[k] · W[i[k]]`,
 `pallas_kernels.sparse_decode_single` (XLA on CPU, Pallas kernels on TPU / GPU).
 """
 

@@ -1,4 +1,4 @@
-"""Dictionary metrics, each defined once (REFERENCE §5.9).
+"""Dictionary metrics, each defined once (docs/recipe.md, Metrics).
 
 FVU (fraction of variance unexplained) over an evaluation set of tokens n with targets
 y_n and predictions ŷ_n:

@@ -1,4 +1,4 @@
-"""Delta LM loss and KL with a dictionary's prediction spliced into Gemma 3 (REFERENCE §5.9).
+"""Delta LM loss and KL with a dictionary's prediction spliced into Gemma 3 (docs/recipe.md).
 
 For tokens [B, T] (held-out text, BOS first) the model runs twice: clean, and with every
 output site of the dictionary replaced by the dictionary's prediction

@@ -1,6 +1,6 @@
 """Gemma 3 text-model configuration: one frozen dataclass, presets per released size.
 
-Values follow the released checkpoints (REFERENCE §1.1). `from_hf` / `to_hf` convert to and
+Values follow the released checkpoints (docs/gemma3.md). `from_hf` / `to_hf` convert to and
 from a transformers `config.json` dict (text-only `gemma3_text` or the multimodal `gemma3`
 wrapper with a nested `text_config`), including the legacy RoPE keys.
 """

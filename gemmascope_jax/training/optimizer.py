@@ -1,4 +1,4 @@
-"""Adam with the Gemma Scope 2 decoder constraint (REFERENCE §5.2), on flat parameter dicts.
+"""Adam with the Gemma Scope 2 decoder constraint (TR §3.2, docs/recipe.md) on flat param dicts.
 
 Parameters are one dictionary's `{flat name: array}` (`Dictionary.arrays()` names). The
 update of one step is
@@ -14,7 +14,7 @@ update of one step is
 A latent's decoder vector is its row `w_dec[i, :]` [d_out] for single-layer kinds and its
 whole causal block `w_dec.l[i, :, :]` [L - l, d_out] (all output layers together) for
 multi-layer kinds, the same unit the GS2 initialisation normalises. The threshold is the
-raw JumpReLU θ (not log θ, REFERENCE §5.8), kept non-negative.
+raw JumpReLU θ (not log θ: docs/recipe.md, Pitfalls), kept non-negative.
 """
 
 from __future__ import annotations

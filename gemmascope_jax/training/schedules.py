@@ -1,5 +1,5 @@
-"""Step schedules of the Gemma Scope 2 recipe (REFERENCE §5.2), as jittable functions of the
-step (an int or int32 scalar; step 0 is the first update).
+"""Step schedules of the Gemma Scope 2 recipe (TR §3.2, docs/recipe.md), as jittable functions
+of the step (an int or int32 scalar; step 0 is the first update).
 
     lr_schedule(lr, warmup_steps=1000, ...)   cosine warmup 0.1·lr -> lr, then constant or
                                               cosine decay to `final_fraction`·lr

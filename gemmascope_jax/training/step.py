@@ -72,7 +72,7 @@ class DictionaryTraining:
     Fields:
         cfg, loss, optimizer: the dictionary config and its loss / optimizer settings.
         name: unique metrics name; default `{kind}.{first input site}` (`sae.resid_post.9`).
-        pre_encoder_bias: what is subtracted from x before the encoder (REFERENCE §5.3):
+        pre_encoder_bias: what is subtracted from x before the encoder (docs/recipe.md):
             "tied" uses b_dec (GS2: `x - b_dec`; the exported `b_pre` equals `b_dec`),
             "free" trains `b_pre` as its own parameter, "none" keeps it 0. "auto" (default)
             is "tied" for kinds that predict their input (sae, crosscoder) and "free" for
