@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from gemmascope_jax.analysis.features import add_inspect_parser
     from gemmascope_jax.analysis.steering import add_steer_parser
     from gemmascope_jax.data.rollouts import add_rollouts_parser
+    from gemmascope_jax.evals.card import add_evaluate_parser
     from gemmascope_jax.formats.convert import add_convert_parser
     from gemmascope_jax.training.finetune import add_finetune_parser
 
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     add_cot_parser(sub)
     add_inspect_parser(sub)
     add_dashboard_parser(sub)
+    add_evaluate_parser(sub)
     sites = sub.add_parser("sites", help="list accepted activation-site names")
     sites.add_argument("--preset", default="270m")
     sites.set_defaults(func=_sites)

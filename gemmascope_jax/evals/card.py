@@ -1,0 +1,464 @@
+"""Quality card of a dictionary: `card.json`, `card.md` and PNG plots (docs/evaluate.md).
+
+    from gemmascope_jax.evals.card import write_card
+    card = write_card(dictionary, model, tokens, "out/card", tokenizer=tok)
+
+`dictionary` is anything `formats.load_dictionary` returns (SAE, transcoder, skip-transcoder,
+CLT, crosscoder, or a per-layer `TranscoderSet`); `tokens` int [N, T] (BOS first) or a list of
+such batches. The card holds:
+
+- `saebench_core`: SAEBench 0.6.0's core metrics under its names and groups (`saebench.py`);
+- `gemma_scope`: FVU (per layer for multi-layer kinds), L0, dead and dense fractions, the
+  log10 feature-density histogram;
+- `absorption`: SAEBench's first-letter absorption, adapted to Gemma 3's vocabulary
+  (`absorption.py`; SAEs and crosscoders, when a tokenizer is given);
+- `plots`: `frequency_histogram.png`, `fvu_per_layer.png` (multi-layer kinds),
+  `absorption.png`.
+
+`gemmascope-jax evaluate DICT` (`run_evaluate_cli`) loads the dictionary and model, tokenises
+held-out text (`--text-file`, the held-out split of a run config's data with `--data`, or by
+default the packaged English prose of `data/heldout/`) and writes the card.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gemmascope_jax.evals import saebench
+from gemmascope_jax.evals.metrics import DENSE_FREQUENCY, log10_frequency_histogram
+
+CARD_VERSION = 1
+DEFAULT_TOKENS = 4096
+DEFAULT_SEQ_LEN = 128
+DEFAULT_BATCH = 4
+HELDOUT_PROSE = Path(__file__).resolve().parent.parent / "data" / "heldout" / "english_prose.jsonl"
+
+
+class EvaluateError(ValueError):
+    """Bad input to `evaluate`: reported as `error: ...`, exit status 2."""
+
+
+# ---- tokens -----------------------------------------------------------------------------------
+
+
+def token_batches(
+    tokenizer, source, n_tokens: int, seq_len=DEFAULT_SEQ_LEN, batch_size=DEFAULT_BATCH
+):
+    """Packed windows [batch_size, seq_len] (BOS first, documents in order, one pass) until
+    `n_tokens` tokens; fewer when the text runs out."""
+    from gemmascope_jax.data.packing import PackedTokens
+
+    packed = PackedTokens(
+        source, tokenizer, seq_len=seq_len, batch_size=batch_size, shuffle=False, num_epochs=1
+    )
+    out, total = [], 0
+    for batch in packed:
+        tokens = np.asarray(batch["tokens"] if isinstance(batch, dict) else batch)
+        out.append(tokens)
+        total += tokens.size
+        if total >= n_tokens:
+            break
+    if not out:
+        raise EvaluateError(f"no tokens in {source!r}")
+    return out
+
+
+def _as_batches(tokens, batch_size=DEFAULT_BATCH) -> list:
+    if isinstance(tokens, list | tuple):
+        return list(tokens)
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    return [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
+
+
+# ---- the card ---------------------------------------------------------------------------------
+
+
+def _describe(dictionary) -> dict[str, Any]:
+    t = saebench.as_target(dictionary)
+    cfg = t.members[0].cfg
+    out = {
+        "kind": t.kind,
+        "architecture": cfg.architecture,
+        "width": list(t.widths) if t.kind == saebench.TRANSCODER_SET else cfg.width,
+        "layers": [m.cfg.layers[0] for m in t.members]
+        if t.kind == saebench.TRANSCODER_SET
+        else list(cfg.layers),
+        "input_sites": list(t.input_sites),
+        "output_sites": list(t.output_sites),
+        "d_in": cfg.d_in,
+        "d_out": cfg.d_out,
+        "model_name": cfg.model_name,
+        "l0_target": cfg.l0_target,
+    }
+    return out
+
+
+def check_compatible(dictionary, model) -> None:
+    """EvaluateError when the dictionary cannot read this model (width, depth)."""
+    t = saebench.as_target(dictionary)
+    mcfg = model.cfg
+    from gemmascope_jax.gemma3.sites import resolve_site
+
+    for m in t.members:
+        cfg = m.cfg
+        for name in (*cfg.input_sites, *cfg.output_sites):
+            site = resolve_site(name, mcfg.num_layers)
+            if site.layer is not None and site.layer >= mcfg.num_layers:
+                raise EvaluateError(
+                    f"the dictionary reads {name}, but the model has {mcfg.num_layers} layers"
+                )
+        widths = {cfg.d_in, cfg.d_out}
+        sites = (*cfg.input_sites, *cfg.output_sites)
+        if all(
+            s.split(".")[0] in ("resid_post", "resid_mid", "resid_pre", "mlp_in", "mlp_out")
+            for s in sites
+        ) and widths != {mcfg.hidden_size}:
+            raise EvaluateError(
+                f"the dictionary has d_in={cfg.d_in}, d_out={cfg.d_out}, but {mcfg.name} has "
+                f"hidden size {mcfg.hidden_size}: wrong --model for this dictionary?"
+            )
+
+
+def evaluate_card(
+    dictionary,
+    model,
+    tokens,
+    *,
+    tokenizer=None,
+    absorption: bool = True,
+    words_per_letter: int = 24,
+    data_description: str = "",
+) -> tuple[dict[str, Any], np.ndarray]:
+    """(card dict, feature density [ΣF]) of `dictionary` on `tokens` (see the module doc)."""
+    t0 = time.perf_counter()
+    check_compatible(dictionary, model)
+    batches = _as_batches(tokens)
+    core, density = saebench.core_metrics(model, dictionary, batches)
+    t = saebench.as_target(dictionary)
+    counts, edges, dead = log10_frequency_histogram(density)
+    recon = core["reconstruction_quality"]
+    gs = {
+        "fvu": 1.0 - recon["explained_variance"],
+        "fvu_per_layer": [1.0 - v for v in recon["explained_variance_per_layer"]],
+        "l0": core["sparsity"]["l0"],
+        "dead_fraction": float(np.mean(density <= 0)),
+        "dense_fraction": float(np.mean(density > DENSE_FREQUENCY)),
+        "delta_loss": core["model_performance_preservation"]["ce_loss_with_sae"]
+        - core["model_performance_preservation"]["ce_loss_without_sae"],
+        "histogram": {"counts": counts.tolist(), "edges": edges.tolist(), "dead": dead},
+    }
+    card: dict[str, Any] = {
+        "card_version": CARD_VERSION,
+        "dictionary": _describe(dictionary),
+        "model": {
+            "name": model.cfg.name,
+            "num_layers": model.cfg.num_layers,
+            "hidden_size": model.cfg.hidden_size,
+            "vocab_size": model.cfg.vocab_size,
+        },
+        "data": {
+            "description": data_description,
+            "sequences": int(sum(len(b) for b in batches)),
+            "seq_len": int(np.asarray(batches[0]).shape[1]),
+            "tokens": int(sum(np.asarray(b).size for b in batches)),
+            "ignored_token_ids": list(saebench.SPECIAL_IDS),
+        },
+        "saebench_core": core,
+        "gemma_scope": gs,
+    }
+    card["absorption"] = _absorption(t, model, tokenizer, absorption, words_per_letter)
+    card["seconds"] = round(time.perf_counter() - t0, 2)
+    return card, density
+
+
+def _absorption(t, model, tokenizer, enabled: bool, words_per_letter: int) -> dict[str, Any]:
+    if not enabled:
+        return {"skipped": "disabled"}
+    if tokenizer is None:
+        return {"skipped": "no tokenizer"}
+    if t.kind not in ("sae", "crosscoder"):
+        return {
+            "skipped": f"{t.kind}: the probe reads the input site, the decoder writes another "
+            "site (defined for SAEs and crosscoders)"
+        }
+    from gemmascope_jax.evals.absorption import first_letter_absorption
+
+    return first_letter_absorption(
+        model, tokenizer, t.members[0], words_per_letter=words_per_letter
+    )
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+READ = {
+    "kl_div_score": "1 = spliced model matches the original; 0 = as bad as zero ablation",
+    "ce_loss_score": "1 = no CE loss increase; 0 = as bad as zero ablation",
+    "explained_variance": "1 - FVU; 1 = perfect reconstruction",
+    "mse": "mean squared error per token (summed over dimensions)",
+    "cossim": "mean cosine(target, prediction); 1 is best",
+    "l2_ratio": "mean ||prediction|| / ||target||; < 1 means shrinkage",
+    "relative_reconstruction_bias": "E||x̂||² / E[x·x̂]; 1 = unbiased, < 1 shrinks",
+    "l0": "active latents per token (summed over source layers)",
+    "l1": "sum of latent activations per token",
+    "frac_alive": "latents that fired at least once",
+    "freq_over_1_percent": "latents firing on > 1% of tokens",
+    "freq_over_10_percent": "latents firing on > 10% of tokens (dense; GS2 removes these)",
+    "average_max_encoder_cosine_sim": "redundancy among encoder directions; lower is better",
+    "average_max_decoder_cosine_sim": "redundancy among decoder directions; lower is better",
+}
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    d, data = card["dictionary"], card["data"]
+    lines = [
+        f"# Quality card: {d['kind']} ({d['architecture']})",
+        "",
+        f"- sites: {', '.join(d['input_sites'])} -> {', '.join(d['output_sites'])}",
+        f"- width {d['width']}, layers {d['layers']}, model {card['model']['name']}",
+        f"- data: {data['description'] or 'given tokens'}; {data['tokens']} tokens "
+        f"({data['sequences']} x {data['seq_len']}); token ids {data['ignored_token_ids']} "
+        "(pad, eos, bos, start/end of turn) are neither spliced nor counted",
+        "",
+        "## SAEBench core metrics (sae-bench 0.6.0 names and definitions)",
+        "",
+        "| group | metric | value | how to read |",
+        "|---|---|---|---|",
+    ]
+    for group, values in card["saebench_core"].items():
+        if group == "saebench_0_6_0":
+            continue
+        for key, value in values.items():
+            if isinstance(value, list):
+                value = "[" + ", ".join(_fmt(v) for v in value) + "]"
+            lines.append(f"| {group} | `{key}` | {_fmt(value)} | {READ.get(key, '')} |")
+    lines += [
+        "",
+        "SAEBench 0.6.0's batch-dependent formulas on the same batches (docs/evaluate.md): "
+        + ", ".join(f"`{k}` {_fmt(v)}" for k, v in card["saebench_core"]["saebench_0_6_0"].items()),
+        "",
+        "## Gemma Scope 2 metrics",
+        "",
+    ]
+    gs = card["gemma_scope"]
+    for key in ("fvu", "fvu_per_layer", "l0", "dead_fraction", "dense_fraction", "delta_loss"):
+        value = gs[key]
+        if isinstance(value, list):
+            value = "[" + ", ".join(_fmt(v) for v in value) + "]"
+        lines.append(f"- `{key}`: {_fmt(value)}")
+    lines += ["", "![feature density](frequency_histogram.png)", ""]
+    if "fvu_per_layer.png" in card.get("plots", []):
+        lines += ["![FVU per layer](fvu_per_layer.png)", ""]
+    lines += ["## Feature absorption (first letter)", ""]
+    ab = card["absorption"]
+    if "skipped" in ab:
+        lines.append(f"Not run: {ab['skipped']}.")
+    else:
+        lines += [
+            f"- `mean_absorption_fraction_score`: {_fmt(ab['mean_absorption_fraction_score'])} "
+            "(0 = no absorption; lower is better)",
+            f"- `mean_full_absorption_score`: {_fmt(ab['mean_full_absorption_score'])}",
+            f"- `mean_num_split_features`: {_fmt(ab['mean_num_split_features'])}",
+            f"- letters whose ground-truth probe reached F1 > 0.6: {ab['letters_evaluated']} of 26 "
+            f"({ab['words']} words; SAEBench asks for at least 20)",
+            "",
+            "![absorption](absorption.png)",
+        ]
+    lines += ["", f"Evaluated in {card['seconds']} s.", ""]
+    return "\n".join(lines)
+
+
+def write_plots(card: dict[str, Any], density: np.ndarray, out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    hist = card["gemma_scope"]["histogram"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    edges = np.asarray(hist["edges"])
+    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
+    ax.axvline(-2, color="grey", ls=":", lw=1)
+    ax.axvline(-1, color="red", ls="--", lw=1, label="10% (dense)")
+    ax.set_xlabel("log10 feature density")
+    ax.set_ylabel("latents")
+    ax.set_title(f"feature density ({hist['dead']} dead of {density.size})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "frequency_histogram.png", dpi=100)
+    plt.close(fig)
+    made.append("frequency_histogram.png")
+    fvu = card["gemma_scope"]["fvu_per_layer"]
+    if len(fvu) > 1:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(card["dictionary"]["layers"], fvu, "o-")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("FVU")
+        ax.set_title("FVU per output layer")
+        fig.tight_layout()
+        fig.savefig(out_dir / "fvu_per_layer.png", dpi=100)
+        plt.close(fig)
+        made.append("fvu_per_layer.png")
+    ab = card["absorption"]
+    if "per_letter" in ab and ab["per_letter"]:
+        rows = ab["per_letter"]
+        x = np.arange(len(rows))
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.bar(x - 0.2, [r["mean_absorption_fraction"] for r in rows], 0.4, label="absorption")
+        ax.bar(x + 0.2, [r["full_absorption_rate"] for r in rows], 0.4, label="full absorption")
+        ax.set_xticks(x, [r["letter"] for r in rows])
+        ax.set_ylim(0, 1)
+        ax.set_title("first-letter absorption per letter")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "absorption.png", dpi=100)
+        plt.close(fig)
+        made.append("absorption.png")
+    return made
+
+
+def _json_safe(v):
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float | np.floating):
+        return None if not np.isfinite(v) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def write_card(dictionary, model, tokens, out_dir, *, tokenizer=None, **kwargs) -> dict[str, Any]:
+    """Evaluate and write `card.json`, `card.md` and the plots into `out_dir`; returns the card
+    (as written: non-finite numbers become null). kwargs go to `evaluate_card`."""
+    out_dir = Path(out_dir)
+    card, density = evaluate_card(dictionary, model, tokens, tokenizer=tokenizer, **kwargs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card["plots"] = write_plots(card, density, out_dir)
+    card = _json_safe(card)
+    (out_dir / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+    (out_dir / "card.md").write_text(render_markdown(card))
+    return card
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def add_evaluate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="quality card of a dictionary: SAEBench core metrics, absorption, plots"
+    )
+    p.add_argument(
+        "dictionary", help="dictionary folder (native, Gemma Scope 2, SAELens, circuit-tracer)"
+    )
+    p.add_argument("--model", default=None, help="HF dir, hub id or .gguf (default: embedded 270M)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--text-file", default=None, help="plain text (documents split at blank lines)"
+    )
+    src.add_argument("--data", default=None, help="run config YAML: its held-out documents")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens to evaluate on")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="sequences per forward")
+    p.add_argument("--out", default=None, help="card folder (default: DICT/card)")
+    p.add_argument("--no-absorption", action="store_true", help="skip the absorption task")
+    p.add_argument("--json", action="store_true", help="last line: the card as JSON")
+    p.set_defaults(func=run_evaluate_cli)
+
+
+def load_any_dictionary(path):
+    """`load_dictionary`, or a transcoder set from a folder of per-layer folders."""
+    from gemmascope_jax.formats import FormatError, load_dictionary, load_transcoder_set
+
+    path = Path(path)
+    try:
+        return load_dictionary(path)
+    except FormatError:
+        if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+            try:
+                return load_transcoder_set(path)
+            except (FormatError, ValueError):
+                pass
+        raise
+
+
+def _source(args, model, tok):
+    from gemmascope_jax.data.sources import JsonlSource, TextFileSource
+
+    if args.text_file:
+        return TextFileSource([args.text_file], split="blank_lines"), f"text file {args.text_file}"
+    if args.data:
+        from gemmascope_jax.data.sources import split_documents
+        from gemmascope_jax.training.config import load_config
+        from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents
+
+        cfg = load_config(args.data, [])
+        docs = _documents(cfg, model, tok, progress=False)
+        _, held = split_documents(docs, holdout=HELDOUT_FRACTION, seed=cfg.data.seed)
+        return held, f"held-out split of {args.data}"
+    return JsonlSource(HELDOUT_PROSE), "held-out English prose (data/heldout/english_prose.jsonl)"
+
+
+def run_evaluate_cli(args) -> int:
+    def fail(msg) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
+        return fail("--tokens, --batch-size must be >= 1 and --seq-len >= 2")
+    try:
+        dictionary = load_any_dictionary(args.dictionary)
+    except (ValueError, OSError) as e:
+        return fail(f"cannot load dictionary {args.dictionary}: {e}")
+    from gemmascope_jax.gemma3.loading import load_gemma3
+
+    try:
+        model, tok = load_gemma3(args.model, progress=False)
+    except Exception as e:  # noqa: BLE001 - any failure to load is a bad --model
+        return fail(f"cannot load model {args.model or 'embedded'}: {type(e).__name__}: {e}")
+    try:
+        check_compatible(dictionary, model)
+        source, what = _source(args, model, tok)
+        tokens = token_batches(tok, source, args.tokens, args.seq_len, args.batch_size)
+    except (ValueError, OSError) as e:
+        return fail(str(e))
+    out = Path(args.out) if args.out else Path(args.dictionary) / "card"
+    card = write_card(
+        dictionary,
+        model,
+        tokens,
+        out,
+        tokenizer=tok,
+        absorption=not args.no_absorption,
+        data_description=what,
+    )
+    core = card["saebench_core"]
+    print(
+        f"{card['dictionary']['kind']}: explained_variance "
+        f"{_fmt(core['reconstruction_quality']['explained_variance'])}, ce_loss_score "
+        f"{_fmt(core['model_performance_preservation']['ce_loss_score'])}, kl_div_score "
+        f"{_fmt(core['model_behavior_preservation']['kl_div_score'])}, l0 "
+        f"{_fmt(core['sparsity']['l0'])} on {card['data']['tokens']} tokens"
+    )
+    print(f"card: {out / 'card.md'}")
+    if args.json:
+        print(json.dumps(card))
+    return 0
