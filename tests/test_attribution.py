@@ -332,7 +332,7 @@ def test_transcoder_set_round_trips(tmp_path):
         for a, b in zip(tset, back, strict=True):
             for name, value in a.arrays().items():
                 np.testing.assert_allclose(b.arrays()[name], value, atol=1e-6, err_msg=name)
-    members = sorted((tmp_path / "gemma-scope-2").iterdir())
+    members = sorted(p for p in (tmp_path / "gemma-scope-2").iterdir() if p.is_dir())
     assert [p.name for p in members] == [f"layer_{i}_width_8_affine" for i in range(3)]
     assert load_transcoder_set(members).num_layers == 3
     shutil.rmtree(members[1])

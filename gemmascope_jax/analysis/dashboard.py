@@ -36,7 +36,7 @@ import numpy as np
 
 from gemmascope_jax.analysis.features import checked_dictionary, logit_lens_table, token_strings
 from gemmascope_jax.analysis.max_examples import MaxExamples
-from gemmascope_jax.formats.io import atomic_output_dir
+from gemmascope_jax.formats.io import atomic_output_dir, check_replaceable
 
 DEFAULT_PAGES = 200
 FREQUENT_SHARE = 0.75
@@ -88,9 +88,11 @@ def build_dashboard(
     *,
     latents: int | Sequence[int | str] | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Write the site for `dictionary` from the corpus scan `ex` into the folder `out`
-    (replaced atomically); returns the path of `index.html`."""
+    atomically; returns the path of `index.html`. An earlier dashboard in `out` is replaced;
+    any other non-empty `out` raises FileExistsError unless `force`."""
     d = checked_dictionary(model, dictionary)
     if ex.num_latents != d.cfg.total_width:
         raise ValueError(
@@ -104,7 +106,7 @@ def build_dashboard(
         missing = [i for i in lens_ids.tolist() if i not in text]
         text.update(zip(missing, token_strings(tokenizer, missing), strict=True))
     tok = lambda i: text.get(int(i), f"<id {int(i)}>")
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(out, force=force, replace_ours=True) as tmp:
         (tmp / "latents").mkdir()
         (tmp / "assets").mkdir()
         for name in ASSETS:
@@ -312,6 +314,7 @@ def _dashboard_cli(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
+        check_replaceable(args.out, force=args.force, replace_ours=True)  # before the scan
         model, tok = load_gemma3(args.model, progress=False)
         d = checked_dictionary(model, load_dictionary(args.dictionary))
         latents = _parse_latents(args.latents)
@@ -337,8 +340,8 @@ def _dashboard_cli(args: argparse.Namespace) -> int:
             tokenizer=tok,
             total_batches=total,
         )
-        index = build_dashboard(model, tok, d, ex, args.out, latents=latents)
-    except (ValueError, FileNotFoundError) as e:
+        index = build_dashboard(model, tok, d, ex, args.out, latents=latents, force=args.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"gemmascope-jax dashboard: {e}", file=sys.stderr)
         return 2
     print(f"scanned {ex.n_tokens} tokens in {time.perf_counter() - t0:.1f}s")
@@ -364,5 +367,13 @@ def add_dashboard_parser(subparsers) -> None:
     p.add_argument("--top-n", type=int, default=20, help="examples per latent")
     p.add_argument("--left", type=int, default=12, help="context tokens before an example")
     p.add_argument("--right", type=int, default=4, help="context tokens after an example")
-    p.add_argument("--out", required=True, help="output folder (replaced)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: new, empty, or an earlier dashboard (replaced); anything else "
+        "only with --force",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing --out that is not a dashboard"
+    )
     p.set_defaults(func=_dashboard_cli)

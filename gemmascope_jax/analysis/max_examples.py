@@ -119,8 +119,9 @@ class MaxExamples:
         source, latent = divmod(int(flat), self.width)
         return str(latent) if len(self.layers) == 1 else f"L{self.layers[source]}/{latent}"
 
-    def save(self, out: str | os.PathLike, *, force: bool = True) -> Path:
-        """Write `max_examples.npz` + `max_examples.json` into the folder `out` atomically."""
+    def save(self, out: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write `max_examples.npz` + `max_examples.json` into the folder `out` atomically;
+        an earlier `save` there is replaced, any other non-empty folder only with `force`."""
         meta = {
             "n_tokens": int(self.n_tokens),
             "left": self.left,
@@ -130,7 +131,7 @@ class MaxExamples:
             "dictionary": self.dictionary,
             "token_text": {str(k): v for k, v in sorted(self.token_text.items())},
         }
-        with atomic_output_dir(out, force=force) as tmp:
+        with atomic_output_dir(out, force=force, replace_ours=True) as tmp:
             np.savez(tmp / ARRAY_FILE, **{name: getattr(self, name) for name in _ARRAYS})
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         return Path(out)

@@ -155,17 +155,19 @@ def save_dictionary(
     format: str = DEFAULT_FORMAT,
     *,
     force: bool = False,
+    replace_ours: bool = False,
     progress: bool = False,
 ) -> Path:
     """Write `obj` to the folder `out` in `format`; returns `out`.
 
     Atomic: written to a temporary sibling folder and renamed at the end; an existing,
-    non-empty `out` raises FileExistsError unless `force=True`; a failure leaves neither a
+    non-empty `out` raises FileExistsError unless `force=True` (or `replace_ours=True` and
+    gemmascope-jax wrote it: see `formats.io.atomic_output_dir`); a failure leaves neither a
     partial `out` nor the temporary folder.
     """
     module = format_module(format)
     out = Path(out)
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, replace_ours=replace_ours) as tmp:
         module.save(obj, tmp, progress=progress)
     return out
 

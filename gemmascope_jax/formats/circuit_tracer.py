@@ -53,7 +53,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from gemmascope_jax.formats.io import FormatError, TensorReader
+from gemmascope_jax.formats.io import FormatError, TensorReader, path_inside
 from gemmascope_jax.safetensors_io import write_safetensors
 
 NAME = "circuit-tracer"
@@ -212,8 +212,11 @@ def _load_set(path: Path, config: dict, progress: bool):
     from gemmascope_jax.dictionaries.sets import TranscoderSet
 
     in_kind, out_kind = config["_sites"]
-    if isinstance(config.get("transcoders"), list):  # local files; relative to the folder
-        files = [Path(p) if Path(p).is_absolute() else path / p for p in config["transcoders"]]
+    if isinstance(config.get("transcoders"), list):  # local files, inside the folder
+        source = path / CONFIG_FILE
+        files = [path_inside(path, p, source) for p in config["transcoders"]]
+        if not files:
+            raise FormatError(f"{source}: 'transcoders' is an empty list")
     else:
         files = [
             path / f"layer_{i}.safetensors"

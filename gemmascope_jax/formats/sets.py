@@ -101,16 +101,21 @@ def _layer_key(folder: Path):
 
 
 def save_transcoder_set(
-    tset, out: str | os.PathLike, format: str = "circuit-tracer", *, force=False
+    tset,
+    out: str | os.PathLike,
+    format: str = "circuit-tracer",
+    *,
+    force: bool = False,
+    replace_ours: bool = False,
 ):
     """Write a `TranscoderSet` (or a CLT) to `out` in `format`; returns `out`. Atomic."""
     from gemmascope_jax.dictionaries.sets import TranscoderSet
 
     name = canonical_format(format)
     if name == "circuit-tracer" or not isinstance(tset, TranscoderSet):
-        return save_dictionary(tset, out, name, force=force)
+        return save_dictionary(tset, out, name, force=force, replace_ours=replace_ours)
     module = format_module(name)
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, replace_ours=replace_ours) as tmp:
         for layer, member in enumerate(tset):
             affine = "_affine" if member.cfg.skip else ""
             sub = tmp / f"layer_{layer}_width_{member.cfg.width}{affine}"

@@ -557,8 +557,12 @@ def _validate_dict(d: DictionarySpec, key: str, depth, model_axis, add) -> Dicti
         _ = d.matryoshka_widths
     except ValueError as e:
         err("matryoshka", str(e))
-    if d.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", d.name):
-        err("name", f"{d.name!r}: use letters, digits, '_', '-', '.' (it names folders)")
+    if d.name is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", str(d.name)):
+        err(
+            "name",
+            f"{d.name!r}: use letters, digits, '_', '-', '.', not starting with '.' (it names "
+            "folders inside the run folder, so '.', '..' and paths are refused)",
+        )
     if bad:
         return None
     try:

@@ -355,8 +355,9 @@ def _export(cfg, dictionaries) -> dict[str, dict[str, str]]:
 
 def _save(obj, path: Path, fmt: str, name: str) -> str:
     try:
-        save_dictionary(obj, path, format=fmt, force=True)
-    except FormatError as e:
+        # replaces an export of an earlier run, never a folder gemmascope-jax did not write
+        save_dictionary(obj, path, format=fmt, replace_ours=True)
+    except (FormatError, FileExistsError) as e:
         log.warning("export of %s as %s skipped: %s", name, fmt, e)
         return f"skipped: {e}"
     return str(path)
