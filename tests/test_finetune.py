@@ -366,3 +366,43 @@ def test_finetune_from_yaml_lowers_kl_and_matches_on_8_devices_and_after_sigkill
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"resume {name}.{k}")
             np.testing.assert_allclose(a[k], c[k], rtol=1e-5, atol=1e-6, err_msg=f"8 {name}.{k}")
+
+
+def test_finetune_starts_from_an_export_folder_like_from_the_checkpoint(stage1):
+    """`finetune.init_from` an export folder (`<name>/native` per dictionary) instead of a
+    run directory: the exports, unfolded with scalars estimated on the run's data, are the
+    checkpoint's dictionaries (the same scalars, the same functions of the activations)."""
+    from gemmascope_jax.data.sources import split_documents
+    from gemmascope_jax.gemma3.loading import load_gemma3
+    from gemmascope_jax.training.finetune import _first_stage, _norm_scalars
+    from gemmascope_jax.training.step import TrainStep
+    from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents, _trainings
+
+    model_dir, first = stage1
+    with jax.enable_x64(False):
+        model, tok = load_gemma3(model_dir, progress=False)
+        cfg = load_config(first / "config.yaml", [f"finetune.init_from={first}"])
+        step = TrainStep(_trainings(cfg, model), make_mesh(1, 1), donate=False)
+        train_docs = split_documents(_documents(cfg), HELDOUT_FRACTION, cfg.data.seed)[0]
+
+        def estimate():
+            return _norm_scalars(cfg, model, tok, step.sites, train_docs)
+
+        ckpt_dicts, ckpt_scalars, where = _first_stage(cfg, step, estimate)
+        assert where.startswith("checkpoint")
+        exp_cfg = load_config(first / "config.yaml", [f"finetune.init_from={first / 'export'}"])
+        exp_dicts, exp_scalars, where = _first_stage(exp_cfg, step, estimate)
+        assert where.startswith("exports")
+        assert exp_scalars == ckpt_scalars  # estimated exactly as the first stage did
+        x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+        for name, a, b in zip(step.names, ckpt_dicts, exp_dicts, strict=True):
+            pre = a.pre_activations(x)  # the pre-encoder bias of the export is in b_enc
+            np.testing.assert_allclose(b.pre_activations(x), pre, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(b.threshold[...], a.threshold[...], rtol=1e-5)
+            codes = a.activate(pre)
+            np.testing.assert_allclose(
+                b.decode(codes, x), a.decode(codes, x), rtol=1e-4, atol=1e-5, err_msg=name
+            )
+        with pytest.raises(FileNotFoundError, match="no export of"):
+            bad = load_config(first / "config.yaml", [f"finetune.init_from={model_dir}"])
+            _first_stage(bad, step, estimate)

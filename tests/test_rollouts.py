@@ -91,15 +91,21 @@ def test_rollouts_are_chats_with_generates_responses(it_model, greedy_rollouts):
     assert not R.parts_dir(greedy_rollouts).exists()
 
 
-def test_cli_verb_writes_the_same_rollouts(it_dir, greedy_rollouts, tmp_path, capsys):
+def test_cli_verb_writes_the_same_rollouts(
+    it_dir, it_model, greedy_rollouts, tmp_path, capsys, monkeypatch
+):
     from gemmascope_jax.cli import main
+    from gemmascope_jax.gemma3 import loading
 
+    loaded = []  # the fixture's model: the same compiled generate, no second load
+    monkeypatch.setattr(loading, "load_gemma3", lambda *a, **k: loaded.append(a) or it_model)
     out = tmp_path / "cli.jsonl"
     args = ["rollouts", "packaged", "--model", str(it_dir), "--out", str(out)]
     args += ["--max-new-tokens", "6", "--batch-size", "2", "--max-prompts", "2"]
     assert main(args) == 0
     assert "2 rollouts" in capsys.readouterr().out
     assert read(out) == read(greedy_rollouts)[:2]  # the same first batch
+    assert loaded == [(str(it_dir),)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("[]\n")
     assert main(["rollouts", str(bad), "--out", str(tmp_path / "x.jsonl")]) == 1
@@ -311,3 +317,94 @@ def test_trainer_runs_on_rollouts_and_starts_from_an_export(it_dir, tmp_path):
     # Two small steps from the export stay near it (a fresh init would be far away).
     rel = np.linalg.norm(a["w_enc"] - b["w_enc"]) / np.linalg.norm(a["w_enc"])
     assert rel < 0.2, rel
+
+
+IT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "gs2" / "resid_post_270m_16k_it.yaml"
+
+
+def it_recipe(run_dir: Path, it_dir: Path, rollouts_out: Path, export: Path, *extra: str):
+    """configs/gs2/resid_post_270m_16k_it.yaml itself, scaled down to the tiny model: one SAE
+    at layer 3 (the recipe's layers do not exist there) from `export`, short rollouts."""
+    from gemmascope_jax.training.config import load_config
+
+    return load_config(
+        IT_RECIPE,
+        [
+            f"run.dir={run_dir}",
+            f"model.source={it_dir}",
+            "model.dtype=float32",
+            f"dictionaries=[{{name: resid_post_3, layers: 3, init_from: '{export}'}}]",
+            "dictionary_defaults.width=64",
+            "dictionary_defaults.l0_target=8",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "data.shuffle_buffer_tokens=64",
+            "data.norm_tokens=64",
+            f"data.sources.0.rollouts.out={rollouts_out}",
+            "data.sources.0.rollouts.max_new_tokens=8",
+            "data.sources.0.rollouts.batch_size=4",
+            "data.sources.0.rollouts.max_prompts=8",
+            "train.steps=2",
+            "train.batch_tokens=32",
+            "train.lr_warmup_steps=1",
+            "checkpoint.every_steps=0",
+            "eval.every_steps=0",
+            "eval.heldout_tokens=64",
+            "export.formats=[native]",
+            "report.progress=false",
+            "report.tensorboard=false",
+            "finetune.steps=2",
+            "finetune.batch_size=2",
+            *extra,
+        ],
+    )
+
+
+def test_it_recipe_runs_on_an_it_checkpoint_and_kl_finetunes_from_an_export(it_dir, tmp_path):
+    """The IT recipe config with a real IT-shaped checkpoint (a tiny `Gemma3ForCausalLM` saved
+    by transformers) as `model.source`: its first stage generates sampled rollouts and starts
+    from a PT native export; then `run_finetune` of the same config in a fresh run dir (no
+    first-stage checkpoint) starts from the `init_from` export, generates its own missing
+    rollouts with the run's model, and KL-finetunes on them."""
+    from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
+    from gemmascope_jax.formats import load_dictionary, save_dictionary
+    from gemmascope_jax.training.finetune import run_finetune
+    from gemmascope_jax.training.trainer import run_training
+
+    hf = json.loads((it_dir / "config.json").read_text())
+    pt_cfg = DictionaryConfig(
+        kind="sae",
+        architecture="jumprelu",
+        d_in=hf["hidden_size"],
+        d_out=hf["hidden_size"],
+        width=64,
+        layers=(3,),
+        l0_target=8.0,
+        model_num_layers=hf["num_hidden_layers"],
+    )
+    export = tmp_path / "pt_export"
+    save_dictionary(random_dictionary(pt_cfg, seed=4), export, format="native")
+
+    cfg = it_recipe(tmp_path / "it", it_dir, tmp_path / "it_rollouts.jsonl", export)
+    src = cfg.data.sources[0]
+    assert (cfg.model.source, src.type, src.loss_tokens) == (str(it_dir), "rollouts", "all")
+    assert src.rollouts.temperature == 1.0 and src.rollouts.top_p == 0.95
+    it = run_training(cfg)
+    assert it.steps == 2 and len(read(tmp_path / "it_rollouts.jsonl")) == 8
+    assert load_dictionary(it.exports["resid_post_3"]["native"]).cfg.width == 64
+
+    out = tmp_path / "ft_rollouts.jsonl"  # missing: the finetune must generate it
+    ft_cfg = it_recipe(tmp_path / "ft", it_dir, out, export, "finetune.beta=1")
+    assert not (tmp_path / "ft").exists()
+    result = run_finetune(ft_cfg)
+    assert result.steps == 2 and not result.stopped_early
+    records = read(out)
+    assert len(records) == 8 and all(r["messages"][-1]["role"] == "assistant" for r in records)
+    # the same sampled rollouts as the first stage's (same model, settings and seeds)
+    assert records == read(tmp_path / "it_rollouts.jsonl")
+    before, after = result.before["resid_post_3"], result.after["resid_post_3"]
+    assert {"fvu", "l0", "kl", "delta_loss"} <= set(before) and after["kl"] > 0
+    a = load_dictionary(export).arrays()
+    b = load_dictionary(result.exports["resid_post_3"]["native"]).arrays()
+    rel = np.linalg.norm(a["w_enc"] - b["w_enc"]) / np.linalg.norm(a["w_enc"])
+    assert 0 < rel < 0.2, rel  # two small steps from the export

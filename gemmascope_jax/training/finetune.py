@@ -35,7 +35,13 @@ JumpReLU codes use the first stage's straight-through estimator for θ (in MSE a
 so θ's gradient is the STE's, the others are exact.
 
 The run: the first stage's checkpoint (`finetune.init_from`, a run directory; default this
-run's) gives the dictionaries and the normalisation scalars; finetune checkpoints (state +
+run's) gives the dictionaries and the normalisation scalars. Without one, the finetune starts
+from exports (raw units): `finetune.init_from` an export folder (`<name>/native` per
+dictionary, e.g. `runs/x/export`), or, with `finetune.init_from: null` and no checkpoint in
+this run, every dictionary's `dictionaries.N.init_from` (e.g. the IT recipe's PT exports);
+they are unfolded with normalisation scalars estimated on this run's data as the first stage
+does. A `rollouts` data source is generated with the run's model if its file is missing
+(reused otherwise), as in the first stage. Finetune checkpoints (state +
 token-iterator position) go to `<run.dir>/<finetune.dir>/checkpoints`, so a rerun resumes
 exactly after a kill; at the end the held-out evals of the starting and the finetuned
 dictionaries go to `<finetune.dir>/report/summary.json` and the exports to
@@ -437,33 +443,112 @@ class FinetuneResult:
     stopped_early: bool = False
 
 
-def _first_stage(cfg, stage1_step, mesh):
-    """Restore the first stage's final state and norm scalars from `finetune.init_from`."""
+def _first_stage(cfg, stage1_step, estimate_scalars):
+    """The starting dictionaries (normalised units), their normalisation scalars and where
+    they came from (module docstring, "The run"):
+
+    - `finetune.init_from` a run directory (its `config.yaml`, or a `checkpoints/` folder),
+      or null (this run): the newest first-stage checkpoint, with its scalars;
+    - `finetune.init_from` an export folder (e.g. `runs/x/export`, one `<name>/native` or
+      `<name>` per dictionary), or null with no checkpoint in this run but
+      `dictionaries.N.init_from` exports for every dictionary: those exports (raw units),
+      unfolded with scalars estimated on this run's data as the first stage does
+      (`estimate_scalars()`; `training.init_from.normalised_copy`)."""
     from gemmascope_jax.training.checkpoint import Checkpointer
     from gemmascope_jax.training.config import load_config
 
     src = cfg.finetune.init_from
-    if src is None:
-        ckpt_dir = cfg.checkpoint_dir
-    else:
+    ckpt_dir, exports = cfg.checkpoint_dir, None
+    if src is not None:
         run_dir = Path(src)
         if (run_dir / "config.yaml").is_file():
             first = load_config(run_dir / "config.yaml")
             first = dataclasses.replace(first, run=dataclasses.replace(first.run, dir=str(run_dir)))
             ckpt_dir = first.checkpoint_dir
-        else:
+        elif (run_dir / "checkpoints").is_dir():
             ckpt_dir = run_dir / "checkpoints"
-    ckpt = Checkpointer(ckpt_dir, keep=10**6, every_steps=0, handle_sigterm=False)
+        elif run_dir.is_dir():
+            ckpt_dir, exports = None, _export_paths(run_dir, stage1_step.names)
+        else:
+            raise FileNotFoundError(f"finetune.init_from: no such folder {run_dir}")
+    restored = None
+    if ckpt_dir is not None and Path(ckpt_dir).is_dir():
+        ckpt = Checkpointer(ckpt_dir, keep=10**6, every_steps=0, handle_sigterm=False)
+        try:
+            restored = ckpt.restore(stage1_step.abstract_state())
+        finally:
+            ckpt.close()
+    if restored is not None:
+        if restored.step < cfg.train.steps:
+            log.warning("first stage stopped at step %d of %d", restored.step, cfg.train.steps)
+        scalars = {k: float(v) for k, v in restored.extras["norm_scalars"].items()}
+        where = f"checkpoint {ckpt_dir} (step {restored.step})"
+        return stage1_step.dictionaries(restored.state), scalars, where
+    if exports is None:
+        specs = {s.name: s.init_from for s in cfg.dictionaries}
+        if src is None and all(specs.get(n) for n in stage1_step.names):
+            exports = {n: Path(specs[n]) for n in stage1_step.names}
+        else:
+            raise FileNotFoundError(
+                f"no first-stage checkpoint in {ckpt_dir} (finetune.init_from: a run dir or an "
+                "export folder; or dictionaries.N.init_from exports for every dictionary)"
+            )
+    from gemmascope_jax.formats import load_dictionary
+    from gemmascope_jax.training.init_from import normalised_copy
+
+    scalars = estimate_scalars()
+    dicts = [
+        normalised_copy(load_dictionary(exports[n]), t.cfg, scalars, f"{n}: {exports[n]}")
+        for n, t in zip(stage1_step.names, stage1_step.trainings, strict=True)
+    ]
+    return dicts, scalars, "exports " + ", ".join(str(exports[n]) for n in stage1_step.names)
+
+
+def _export_paths(folder: Path, names: Sequence[str]) -> dict[str, Path]:
+    """`{name: folder/name/native}` (or `folder/name`, any format) for every dictionary."""
+    out, missing = {}, []
+    for n in names:
+        for p in (folder / n / "native", folder / n):
+            if p.is_dir() and any(p.iterdir()):
+                out[n] = p
+                break
+        else:
+            missing.append(n)
+    if missing:
+        raise FileNotFoundError(
+            f"finetune.init_from {folder}: not a run directory, and no export of {missing} "
+            "in it (<name>/native or <name>)"
+        )
+    return out
+
+
+def _norm_scalars(cfg, model, tok, sites, docs) -> dict[str, float]:
+    """Per-site normalisation scalars of `docs` estimated as the first stage does without an
+    activation cache (`ActivationPipeline.init_norm_scalars`: `data.norm_tokens` tokens of
+    the live stream with seed offset 1, one data shard)."""
+    from gemmascope_jax.data.activations import estimate_norm_scalars
+    from gemmascope_jax.data.pipeline import activation_stream, sharded_forward
+    from gemmascope_jax.data.shards import combine_norm_scalars
+
+    batch_tokens = cfg.train.batch_tokens
+    n_batches = max(1, cfg.data.norm_tokens // batch_tokens)
+    forward = sharded_forward(model, tuple(sites))
+    stream = activation_stream(
+        cfg,
+        forward,
+        tok,
+        tuple(sites),
+        docs,
+        batch_tokens,
+        epochs=None,
+        seed_offset=1,
+        shard=(0, 1),
+    )
     try:
-        restored = ckpt.restore(stage1_step.abstract_state())
+        scalars = combine_norm_scalars([estimate_norm_scalars(stream, n_batches)])
     finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"no first-stage checkpoint in {ckpt_dir} (finetune.init_from)")
-    if restored.step < cfg.train.steps:
-        log.warning("first stage stopped at step %d of %d", restored.step, cfg.train.steps)
-    scalars = {k: float(v) for k, v in restored.extras["norm_scalars"].items()}
-    return stage1_step.dictionaries(restored.state), scalars, restored.step
+        getattr(stream, "close", lambda: None)()
+    return {k: float(v) for k, v in scalars.items()}
 
 
 def _folded(step, dictionaries, scalars) -> dict:
@@ -509,7 +594,15 @@ def run_finetune(cfg) -> FinetuneResult:
     )
     first = _trainings(cfg, model)
     stage1 = TrainStep(first, mesh, donate=False)
-    start_dicts, scalars, _ = _first_stage(cfg, stage1, mesh)
+    train_docs, heldout_docs = split_documents(
+        _documents(cfg, model, tok, progress=cfg.report.progress),
+        holdout=HELDOUT_FRACTION,
+        seed=cfg.data.seed,
+    )
+    start_dicts, scalars, started = _first_stage(
+        cfg, stage1, lambda: _norm_scalars(cfg, model, tok, stage1.sites, train_docs)
+    )
+    log.info("finetune starts from %s", started)
     step = FinetuneStep(
         finetune_trainings(cfg, first),
         mesh,
@@ -519,11 +612,6 @@ def run_finetune(cfg) -> FinetuneResult:
         kl_eps=ft.kl_eps,
         bos_id=int(getattr(tok, "bos_id", 2)),
         pad_id=int(getattr(tok, "pad_id", 0)),
-    )
-    train_docs, heldout_docs = split_documents(
-        _documents(cfg, model, tok, progress=cfg.report.progress),
-        holdout=HELDOUT_FRACTION,
-        seed=cfg.data.seed,
     )
     data_cfg = dataclasses.replace(cfg.data, batch_size=ft.batch_size or cfg.data.batch_size)
     tokens = packed_tokens(
@@ -545,6 +633,11 @@ def run_finetune(cfg) -> FinetuneResult:
     if restored is not None:
         state, start = restored.state, int(restored.step)
         tokens.set_state(restored.extras["data"])
+        saved = {k: float(v) for k, v in restored.extras["norm_scalars"].items()}
+        if saved != scalars:  # e.g. re-estimated for an export on another device count
+            log.warning("finetune resumes with its checkpoint's normalisation scalars")
+            scalars = saved
+            step.scalars = {s: saved[s] for s in step.sites}  # read when the step compiles
         log.info("finetune resumed from step %d", start)
     else:
         state, start = step.init(dictionaries=start_dicts), 0
