@@ -22,7 +22,14 @@ places every restored array with that sharding, whatever mesh wrote it.
 Atomicity: orbax writes `<step>.orbax-checkpoint-tmp-*`, writes `commit_success.txt`, then
 renames. Opening a directory deletes leftover tmp dirs and renames step dirs lacking
 `commit_success.txt` (a crash mid-save, a partial copy) to `<step>.incomplete-<time>`, so
-they are never restored; `restore` also falls back to older steps if the newest fails to read.
+they are never restored.
+
+Corruption (a power cut or a bad disk after the commit): every save records a fingerprint of
+each state array in the extras (an exact modular checksum of its bits, the same on any mesh),
+and `restore` recomputes it. A newest step that fails to read or whose fingerprint differs
+(truncated, zeroed, bit-flipped or missing files) is skipped with a warning naming the step;
+once an older step restores, the bad ones are renamed to `<step>.corrupt-<time>` so the run
+can write that step again.
 Saves are synchronous by default (on CPU the copy is the cost anyway); `async_save=True`
 overlaps writing with training, and `close()`/`wait()` block until it is on disk.
 """
@@ -45,6 +52,52 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 COMMIT_FILE = "commit_success.txt"
+FINGERPRINT_KEY = "_gemmascope_jax_state_fingerprint"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose restored arrays do not match the fingerprint saved with them."""
+
+
+def _bits_u32(x):
+    """The bits of `x` as uint32 elements (wider dtypes split in halves, narrower widened)."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    if size == 1:
+        return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    raise TypeError(f"cannot fingerprint dtype {x.dtype}")
+
+
+@jax.jit
+def _fingerprint_leaves(leaves):
+    """Per leaf: sum_i bits[i] * (2 i + 1) mod 2**32. Integer sums wrap exactly, so the
+    value does not depend on sharding or reduction order; any single changed bit changes it."""
+    import jax.numpy as jnp
+
+    out = []
+    for leaf in leaves:
+        bits = _bits_u32(leaf).reshape(-1)
+        odd = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        out.append(jnp.sum(bits * odd, dtype=jnp.uint32))
+    return out
+
+
+def state_fingerprint(state) -> dict[str, int]:
+    """{tree path: fingerprint} of a pytree of arrays (typed PRNG keys as their key data)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(_keys_to_data(state))
+    names = [jax.tree_util.keystr(path) for path, _ in flat]
+    values = _fingerprint_leaves([leaf for _, leaf in flat])
+    return {n: int(v) for n, v in zip(names, values, strict=True)}
 
 
 class Restored(NamedTuple):
@@ -200,6 +253,9 @@ class Checkpointer:
         if step in self.all_steps():
             return False
         doc = json.loads(json.dumps(extras or {}, default=_to_json))
+        if FINGERPRINT_KEY in doc:
+            raise ValueError(f"extras key {FINGERPRINT_KEY!r} is reserved")
+        doc[FINGERPRINT_KEY] = state_fingerprint(state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_keys_to_data(state)),
             extras=grain_ckpt.CheckpointSave(_JsonItem(doc)),
@@ -212,20 +268,48 @@ class Checkpointer:
         """(state, extras, step) of checkpoint `step` (default: the newest readable one), the
         arrays placed with the shardings of `abstract_state`; None when there is none."""
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-        first_error = None
+        first_error, bad = None, []
         for s in steps:
             try:
-                return self._restore(abstract_state, s)
+                restored = self._restore(abstract_state, s)
             except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
                 if step is not None:
                     raise
                 first_error = first_error or e
+                bad.append(s)
                 log.warning(
-                    "checkpoint %d in %s unreadable (%s); trying older", s, self.directory, e
+                    "checkpoint step %d in %s is unreadable or corrupt (%s: %s); trying the "
+                    "previous step",
+                    s,
+                    self.directory,
+                    type(e).__name__,
+                    str(e)[:500],
                 )
+                continue
+            if bad:
+                self._quarantine(bad)
+                log.warning(
+                    "resuming from checkpoint step %d: newer step(s) %s were corrupt", s, bad
+                )
+            return restored
         if first_error is not None:
             raise first_error
         return None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Rename corrupt step dirs (process 0) so they are neither listed nor in the way of
+        saving that step again; kept on disk for inspection."""
+        if jax.process_index() == 0:
+            for s in steps:
+                path = self.directory / str(s)
+                target = path.with_name(f"{s}.corrupt-{int(time.time())}")
+                log.warning("checkpoint step %d is corrupt; moved to %s", s, target.name)
+                path.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("gemmascope_jax.checkpoint.quarantine")
+        self.manager.reload()
 
     def _restore(self, abstract_state, step: int) -> Restored:
         target = None
@@ -242,6 +326,15 @@ class Checkpointer:
             ),
         )
         state = restored.state
+        extras = dict(item.value or {})
+        expected = extras.pop(FINGERPRINT_KEY, None)
+        if expected is not None:
+            got = state_fingerprint(state)
+            if bad := sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k)):
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory}: restored array(s) {bad[:5]} "
+                    "do not match the fingerprint saved with them (corrupt data files)"
+                )
         if abstract_state is not None:
             state = jax.tree.map(
                 lambda a, x: (
@@ -250,7 +343,7 @@ class Checkpointer:
                 abstract_state,
                 state,
             )
-        return Restored(state, item.value or {}, int(step))
+        return Restored(state, extras, int(step))
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()

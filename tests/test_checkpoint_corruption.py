@@ -1,0 +1,184 @@
+"""A corrupted newest checkpoint (issue 14, part 4): the restore falls back to the previous
+good step with a warning naming the bad one, moves the bad one aside, and never returns
+wrong numbers. Every file of the newest step is truncated, zeroed, bit-flipped or deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemmascope_jax.training.checkpoint import (
+    FINGERPRINT_KEY,
+    Checkpointer,
+    CorruptCheckpointError,
+    abstract_like,
+    state_fingerprint,
+)
+
+STEPS = (2, 4, 6)
+
+
+def _state(step: int):
+    rng = np.random.RandomState(step)
+    return {
+        "w": jnp.asarray(rng.randn(24, 40), jnp.float32),
+        "b": jnp.asarray(rng.randn(40), jnp.bfloat16),
+        "opt": [jnp.asarray(rng.randn(24, 40), jnp.float32), jnp.int32(step)],
+        "rng": jax.random.key(step),
+    }
+
+
+def _same(a, b) -> bool:
+    la = jax.tree.leaves({**a, "rng": jax.random.key_data(a["rng"])})
+    lb = jax.tree.leaves({**b, "rng": jax.random.key_data(b["rng"])})
+    return all(
+        x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for x, y in zip(la, lb, strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt") / "checkpoints"
+    with Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c:
+        for step in STEPS:
+            c.save(step, _state(step), {"data": {"position": step}})
+    return root
+
+
+def _copy(pristine: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "checkpoints"))
+
+
+def _files(root: Path) -> list[str]:
+    newest = root / str(STEPS[-1])
+    return sorted(str(p.relative_to(root)) for p in newest.rglob("*") if p.is_file())
+
+
+def _damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "zeros":
+        path.write_bytes(b"\0" * len(raw))
+    elif how == "flip":
+        mid = bytearray(raw)
+        if mid:
+            mid[len(mid) // 2] ^= 0x10
+        path.write_bytes(bytes(mid))
+    else:
+        path.unlink()
+
+
+def test_fingerprint_is_exact_and_sharding_free():
+    s = _state(3)
+    fp = state_fingerprint(s)
+    assert fp == state_fingerprint(jax.tree.map(lambda x: x, s))
+    w = np.asarray(s["w"]).copy()
+    w.view(np.uint32)[5, 7] ^= 1 << 31  # one bit
+    assert state_fingerprint({**s, "w": jnp.asarray(w)})["['w']"] != fp["['w']"]
+
+
+def test_every_damaged_file_of_the_newest_step(pristine, tmp_path, caplog):
+    """Each file x each damage: the newest step restores with identical numbers (the file
+    was not needed), or the restore falls back to step 4, warns naming step 6 and moves
+    step 6 aside; never different numbers, never an exception."""
+    outcomes = {}
+    for i, rel in enumerate(_files(pristine)):
+        for how in ("truncate", "zeros", "flip", "delete"):
+            root = _copy(pristine, tmp_path / f"{i}_{how}")
+            _damage(root / rel, how)
+            caplog.clear()
+            with (
+                caplog.at_level(logging.WARNING, "gemmascope_jax.training.checkpoint"),
+                Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c,
+            ):
+                restored = c.restore(abstract_like(_state(0)))
+                assert restored is not None, (rel, how)
+                assert restored.step in (4, 6), (rel, how, restored.step)
+                assert _same(_state(restored.step), restored.state), (rel, how)
+                assert restored.extras == {"data": {"position": restored.step}}
+                if restored.step == 4:
+                    text = caplog.text
+                    assert ("checkpoint step 6" in text and "corrupt" in text) or (
+                        "/6 is incomplete" in text  # no commit marker: never listed
+                    ), text
+                    assert c.all_steps() == [2, 4]
+                    assert list(root.glob("6.corrupt-*")) or list(root.glob("6.incomplete-*"))
+            outcomes[(rel, how)] = restored.step
+            shutil.rmtree(root.parent)
+    fell_back = {k for k, v in outcomes.items() if v == 4}
+    assert any(how == "flip" for _, how in fell_back)  # bit flips inside array data caught
+    assert any(how == "truncate" for _, how in fell_back)
+
+
+def test_bad_step_moved_aside_then_saved_again(pristine, tmp_path):
+    root = _copy(pristine, tmp_path)
+    for data in (root / "6" / "state").rglob("*"):
+        if data.is_file() and "/d/" in str(data):
+            _damage(data, "zeros")
+    with Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c:
+        assert c.restore(abstract_like(_state(0))).step == 4
+        assert c.save(6, _state(6), {"data": {"position": 6}})  # step 6 can be written again
+        again = c.restore(abstract_like(_state(0)))
+        assert again.step == 6 and _same(_state(6), again.state)
+
+
+def test_all_steps_corrupt_raises(pristine, tmp_path):
+    root = _copy(pristine, tmp_path)
+    for step in STEPS:
+        (root / str(step) / "state" / "manifest.ocdbt").unlink()
+    with (
+        Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c,
+        pytest.raises(Exception),  # noqa: B017 - whatever orbax raises, not a silent None
+    ):
+        c.restore(abstract_like(_state(0)))
+    assert sorted(p.name for p in root.iterdir()) == ["2", "4", "6"]  # nothing moved
+
+
+def test_asking_for_a_corrupt_step_raises(pristine, tmp_path):
+    root = _copy(pristine, tmp_path)
+    for data in (root / "6" / "state").rglob("*"):
+        if data.is_file() and "/d/" in str(data):
+            _damage(data, "flip")
+    with Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c:
+        with pytest.raises(Exception):  # noqa: B017 - orbax's read error or ours
+            c.restore(abstract_like(_state(0)), step=6)
+        assert c.all_steps() == [2, 4, 6]  # an explicit step is never moved aside
+
+
+def test_fingerprint_mismatch_is_corruption(pristine, tmp_path, monkeypatch):
+    """Array data that still decodes but holds other numbers (no checksum in the chunk
+    format catches it) is refused by the fingerprint."""
+    import gemmascope_jax.training.checkpoint as ck
+
+    root = _copy(pristine, tmp_path)
+    real = ck.state_fingerprint
+    calls = []
+
+    def lying(state):
+        fp = real(state)
+        calls.append(1)
+        return {k: v + 1 for k, v in fp.items()} if len(calls) == 1 else fp
+
+    monkeypatch.setattr(ck, "state_fingerprint", lying)
+    with Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c:
+        with pytest.raises(CorruptCheckpointError, match=r"step 6 .*fingerprint"):
+            c.restore(abstract_like(_state(0)), step=6)
+        restored = c.restore(abstract_like(_state(0)))  # the newest is fine once not lied to
+        assert restored.step == 6 and _same(_state(6), restored.state)
+
+
+def test_reserved_extras_key(tmp_path):
+    with (
+        Checkpointer(tmp_path / "c", keep=1, every_steps=1, handle_sigterm=False) as c,
+        pytest.raises(ValueError, match="reserved"),
+    ):
+        c.save(1, _state(1), {FINGERPRINT_KEY: 1})
