@@ -264,3 +264,17 @@ def test_path_inside(tmp_path):
     for bad in ("../x", "/etc/passwd", "", None, "a/../../x"):
         with pytest.raises(FormatError, match=r"m\.json"):
             path_inside(tmp_path, bad, tmp_path / "m.json")
+
+
+def test_dashboard_without_matplotlib_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from gemmascope_jax.analysis import dashboard
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
+    )
+    args = argparse.Namespace(out=str(tmp_path / "new"), force=False, model=None, dictionary="x")
+    assert dashboard._dashboard_cli(args) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err

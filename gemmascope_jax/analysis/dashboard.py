@@ -306,6 +306,7 @@ def _parse_latents(value: str | None) -> int | list[str] | None:
 
 
 def _dashboard_cli(args: argparse.Namespace) -> int:
+    import importlib.util
     import time
 
     from gemmascope_jax.analysis.max_examples import corpus_batches, scan_corpus
@@ -315,6 +316,11 @@ def _dashboard_cli(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         check_replaceable(args.out, force=args.force, replace_ours=True)  # before the scan
+        if importlib.util.find_spec("matplotlib") is None:
+            raise FileNotFoundError(
+                "the dashboard draws its histograms with matplotlib, which is not installed: "
+                "pip install matplotlib (or pip install 'gemmascope-jax[demo]')"
+            )
         model, tok = load_gemma3(args.model, progress=False)
         d = checked_dictionary(model, load_dictionary(args.dictionary))
         latents = _parse_latents(args.latents)
