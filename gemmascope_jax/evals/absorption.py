@@ -36,6 +36,7 @@ layer); for transcoders the probe and the decoder live in different spaces.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -59,14 +60,14 @@ TOPK_FEATS = 10
 
 def alpha_vocab(tokenizer) -> list[tuple[str, int]]:
     """(word, id) of the vocabulary tokens that are letters only, optionally after one leading
-    space (SAEBench's `get_alpha_tokens`), from a Gemma 3 `Tokenizer` (its `.hf`)."""
+    space (SAEBench's `get_alpha_tokens`), from a Gemma 3 `Tokenizer` (or its `.hf`). Gemma's
+    SentencePiece pieces are the text with "▁" for a space, so the piece itself is tested."""
     hf = getattr(tokenizer, "hf", tokenizer)
+    alpha = re.compile(r" ?[A-Za-z]+")
     out = []
     for piece, i in hf.get_vocab().items():
-        word = hf.convert_tokens_to_string([piece])
-        if piece.startswith("▁") and not word.startswith(" "):
-            word = " " + word
-        if re.fullmatch(r" ?[A-Za-z]+", word):
+        word = piece.replace("▁", " ")
+        if alpha.fullmatch(word):
             out.append((word, int(i)))
     return sorted(out, key=lambda t: t[1])
 
@@ -128,11 +129,8 @@ def word_activations(model, site: str, prompts, positions, batch_size: int = 16,
     return np.stack(out).astype(np.float32)
 
 
-def _fit_logistic(x, y, *, l1=0.0, balanced=True, steps=300, lr=1e-2, wd=1e-6):
-    """One-vs-rest logistic probes: x [n, d], y [n, C] in {0, 1} -> (w [C, d], b [C])."""
-    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-    pos = jnp.maximum(y.sum(0), 1.0)
-    pos_weight = (y.shape[0] - pos) / pos if balanced else jnp.ones_like(pos)
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _fit(x, y, pos_weight, l1, lr, wd, steps: int):
     params = (jnp.zeros((x.shape[1], y.shape[1])), jnp.zeros(y.shape[1]))
     opt = optax.adamw(optax.exponential_decay(lr, steps, 1e-3), weight_decay=wd)
 
@@ -141,18 +139,21 @@ def _fit_logistic(x, y, *, l1=0.0, balanced=True, steps=300, lr=1e-2, wd=1e-6):
         ll = pos_weight * y * jax.nn.log_sigmoid(logits) + (1 - y) * jax.nn.log_sigmoid(-logits)
         return -jnp.mean(ll) + l1 * jnp.sum(jnp.abs(p[0])) / x.shape[0]
 
-    @jax.jit
-    def run(params):
-        def step(carry, _):
-            p, s = carry
-            g = jax.grad(loss)(p)
-            u, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, u), s), None
+    def step(carry, _):
+        p, s = carry
+        u, s = opt.update(jax.grad(loss)(p), s, p)
+        return (optax.apply_updates(p, u), s), None
 
-        (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-        return p
+    (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return p
 
-    w, b = run(params)
+
+def _fit_logistic(x, y, *, l1=0.0, balanced=True, steps=300, lr=1e-2, wd=1e-6):
+    """One-vs-rest logistic probes: x [n, d], y [n, C] in {0, 1} -> (w [C, d], b [C])."""
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    pos = jnp.maximum(y.sum(0), 1.0)
+    pos_weight = (y.shape[0] - pos) / pos if balanced else jnp.ones_like(pos)
+    w, b = _fit(x, y, pos_weight, jnp.float32(l1), jnp.float32(lr), jnp.float32(wd), steps)
     return np.asarray(w).T, np.asarray(b)
 
 
@@ -194,14 +195,18 @@ def absorption_from_arrays(
     *,
     max_k: int = 10,
     seed: int = 0,
+    train: np.ndarray | None = None,
 ) -> dict:
     """The whole task on activations [n, D], codes [n, F], decoder rows [F, D] and first-letter
-    indices [n] (0..25). Returns the scores and a per-letter table."""
-    rng = np.random.default_rng(seed)
-    train = np.zeros(len(letters), bool)
-    for c in range(26):
-        idx = np.flatnonzero(letters == c)
-        train[rng.permutation(idx)[: int(round(0.7 * len(idx)))]] = True
+    indices [n] (0..25); `train` [n] bool picks the probes' training words (default: 70 % of
+    each letter at random). Returns the scores and a per-letter table."""
+    if train is None:
+        rng = np.random.default_rng(seed)
+        train = np.zeros(len(letters), bool)
+        for c in range(26):
+            idx = np.flatnonzero(letters == c)
+            train[rng.permutation(idx)[: int(round(0.7 * len(idx)))]] = True
+    train = np.asarray(train, bool)
     test = ~train
     y = np.eye(26, dtype=np.float32)[letters]
     scale = 1.0 / max(float(np.mean(np.linalg.norm(acts[train], axis=-1))), 1e-12)
@@ -220,8 +225,10 @@ def absorption_from_arrays(
         order = np.argsort(-w_l1[c], kind="stable")
         for k in range(1, max_k + 1):
             ids = order[:k]
-            wk, bk = _fit_logistic(codes[train][:, ids] * cscale, y[train][:, c : c + 1])
-            f1k = _f1(yt, (codes[test][:, ids] * cscale) @ wk[0] + bk[0] > 0)
+            xk = np.zeros((len(codes), max_k), np.float32)  # padded: one compile for every k
+            xk[:, :k] = codes[:, ids] * cscale
+            wk, bk = _fit_logistic(xk[train], y[train][:, c : c + 1])
+            f1k = _f1(yt, xk[test] @ wk[0] + bk[0] > 0)
             if f1k > prev + F1_JUMP_THRESHOLD:
                 prev, split = f1k, ids.tolist()
             else:

@@ -227,7 +227,8 @@ class CoreAccumulator:
         self.fired += np.asarray(dev["fired"], np.float64)
         self.n += n
         b = self.per_batch  # SAEBench 0.6.0's batch-dependent formulas
-        b["rrb"].append(np.mean(norm_out**2) / np.mean(dot))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b["rrb"].append(np.mean(norm_out**2) / np.mean(dot))
         b["mse"].append(np.sum(sse / n))
         b["mss"].append(np.mean(norm_in**2))
         b["ms_dim"].append(np.mean(yf**2, axis=0))
