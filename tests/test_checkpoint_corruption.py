@@ -21,6 +21,7 @@ from gemmascope_jax.training.checkpoint import (
     abstract_like,
     state_fingerprint,
 )
+from tests.test_trainer import tiny_dir  # noqa: F401 - the tiny model fixture
 
 STEPS = (2, 4, 6)
 
@@ -182,3 +183,41 @@ def test_reserved_extras_key(tmp_path):
         pytest.raises(ValueError, match="reserved"),
     ):
         c.save(1, _state(1), {FINGERPRINT_KEY: 1})
+
+
+# ---- `train` itself ---------------------------------------------------------------------------
+
+
+def test_train_resumes_from_the_previous_step_when_the_newest_is_corrupt(
+    tiny_dir,  # noqa: F811 - the fixture imported above
+    tmp_path,
+    caplog,
+):
+    """A finished 4-step run (checkpoints 2 and 4 kept); the data files of step 4 are then
+    damaged, as a power cut during the write would. Running `train` again resumes from
+    step 2 with a warning naming step 4, and, resume being exact, exports the same numbers."""
+    from gemmascope_jax.formats import load_dictionary
+    from gemmascope_jax.training.config import load_config
+    from gemmascope_jax.training.trainer import run_training
+    from tests.test_trainer import write_config
+
+    overrides = ["export.formats=[native]", "dictionaries=[{name: sae, kind: sae, "
+                 "input_sites: resid_post.3}]"]  # fmt: skip
+    cfg = load_config(write_config(tmp_path, tiny_dir, steps=4), overrides)
+    first = run_training(cfg)
+    export = Path(first.exports["sae"]["native"])
+    before = {k: np.asarray(v) for k, v in load_dictionary(export).arrays().items()}
+    ckpts = cfg.checkpoint_dir
+    assert (ckpts / "4").is_dir() and (ckpts / "2").is_dir()
+    damaged = [p for p in (ckpts / "4" / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    for p in damaged:
+        _damage(p, "truncate")
+
+    with caplog.at_level(logging.WARNING, "gemmascope_jax.training.checkpoint"):
+        second = run_training(cfg)
+    assert "checkpoint step 4" in caplog.text and "resuming from checkpoint step 2" in caplog.text
+    assert second.steps == 4 and list(ckpts.glob("4.corrupt-*"))
+    after = {k: np.asarray(v) for k, v in load_dictionary(export).arrays().items()}
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
