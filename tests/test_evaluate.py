@@ -6,6 +6,8 @@ Gemma 3, and the `gemmascope-jax evaluate` command (exit codes, `--json`)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -318,3 +320,104 @@ def test_first_letter_absorption_runs_on_gemma_vocabulary(full_vocab_dir):
     out = ab.first_letter_absorption(model, tok, d, words_per_letter=4)
     assert out["words"] == 26 * 4 and len(out["per_letter"]) == 26
     assert out["site"] == "resid_post.2"
+
+
+# ---- SAEBench 0.6.0 itself (interop venv) ------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+INTEROP_PYTHON = Path(
+    os.environ.get("GEMMASCOPE_INTEROP_PYTHON", REPO / ".venv-interop" / "bin" / "python")
+)
+SAEBENCH_HARNESS = REPO / "scripts" / "interop" / "saebench_core.py"
+SAME_DEFINITION = {
+    "model_behavior_preservation": ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"),
+    "model_performance_preservation": (
+        "ce_loss_score",
+        "ce_loss_with_ablation",
+        "ce_loss_with_sae",
+        "ce_loss_without_sae",
+    ),
+    "reconstruction_quality": ("cossim",),
+    "shrinkage": ("l2_norm_in", "l2_norm_out", "l2_ratio"),
+    "sparsity": ("l0", "l1"),
+    "misc_metrics": (
+        "average_max_encoder_cosine_sim",
+        "average_max_decoder_cosine_sim",
+        "frac_alive",
+        "freq_over_1_percent",
+        "freq_over_10_percent",
+        "normalized_freq_over_1_percent",
+        "normalized_freq_over_10_percent",
+    ),
+}
+
+
+def test_core_metrics_agree_with_saebench(tmp_path):
+    """The same SAE (SAELens format), model and token batches through SAEBench 0.6.0's core
+    eval (TransformerLens' Gemma 3) and ours: every metric with SAEBench's definition agrees to
+    1e-3 relative; `mse`, `explained_variance` and `relative_reconstruction_bias`, whose
+    SAEBench formulas depend on the batching, agree with `saebench_0_6_0` (docs/evaluate.md)."""
+    import subprocess
+
+    from gemmascope_jax.formats import load_dictionary, save_dictionary
+    from gemmascope_jax.gemma3.loading import load_gemma3
+    from tests.hf_reference import tiny_causal_lm
+
+    probe = (
+        subprocess.run(
+            [str(INTEROP_PYTHON), "-c", "import sae_bench.evals.core.main"], capture_output=True
+        )
+        if INTEROP_PYTHON.exists()
+        else None
+    )
+    if probe is None or probe.returncode != 0:
+        pytest.skip(f"sae-bench 0.6.0 is not importable with {INTEROP_PYTHON} (docs/evaluate.md)")
+    # TransformerLens' Gemma 3 has no RoPE scaling and scales attention by head_dim
+    hf = tiny_causal_lm(
+        seed=0,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=32,
+        sliding_window=64,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    )
+    hf.save_pretrained(tmp_path / "model")
+    d = random_dictionary(_cfg("sae", width=96, model_name="gemma-3-tiny"), seed=3)
+    d = d.with_arrays(threshold=d.threshold[...] * 12)  # sparse enough for the density metrics
+    save_dictionary(d, tmp_path / "sae", format="saelens")
+    t = np.random.RandomState(0).randint(4, 512, size=(4, 16))
+    t[:, 0], t[2, 7] = BOS_ID, EOS_ID
+    np.save(tmp_path / "tokens.npy", t)
+    argv = [str(tmp_path / "model"), str(tmp_path / "sae"), str(tmp_path / "tokens.npy")]
+    argv += [str(tmp_path / "sb.json"), "--batch-size", "2", "--ignore", "0", "1", "2", "105"]
+    argv += ["106"]
+    proc = subprocess.run(
+        [str(INTEROP_PYTHON), str(SAEBENCH_HARNESS), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    peer = json.loads((tmp_path / "sb.json").read_text())
+    assert peer["tl_vs_hf_max_abs"] < 1e-4 and peer["hook_name"] == "blocks.1.hook_resid_post"
+    model, _ = load_gemma3(tmp_path / "model", tokenizer=False, progress=False)
+    ours, _ = core_metrics(model, load_dictionary(tmp_path / "sae"), [t[:2], t[2:]])
+    sb = peer["metrics"]
+    for group, keys in SAME_DEFINITION.items():
+        for key in keys:
+            assert ours[group][key] == pytest.approx(sb[group][key], rel=1e-3, abs=1e-9), key
+    assert 0 < sb["misc_metrics"]["freq_over_10_percent"] < 1  # a non-trivial density test
+    quirks = ours["saebench_0_6_0"]
+    for group, key in [
+        ("reconstruction_quality", "mse"),
+        ("reconstruction_quality", "explained_variance"),
+        ("shrinkage", "relative_reconstruction_bias"),
+    ]:
+        assert quirks[key] == pytest.approx(sb[group][key], rel=1e-3), key
+    # SAEBench counts every token it reads; we count the kept ones (4 x 16 - 4 BOS - 1 EOS)
+    assert sb["token_stats"]["total_tokens_eval_reconstruction"] == 64
+    assert ours["token_stats"]["total_tokens_eval_reconstruction"] == 59
