@@ -266,8 +266,8 @@ def estimate_norm_scalars(batches: Iterable[Batch], n_batches: int) -> dict[str,
     """Per-site scalars `s = sqrt(mean_tokens ||x||^2)` from the first `n_batches` batches.
 
     Dividing a site by its `s` gives unit mean squared norm, `E ||x / s||^2 = 1`, the Gemma
-    Scope 2 convention that its JumpReLU bandwidth (0.001) is meaningful in (docs/recipe.md,
-    §5.3; SAELens' `sqrt(d)` convention would make that bandwidth sqrt(d) times too small).
+    Scope 2 convention that its JumpReLU bandwidth (0.001) is meaningful in (TR §3.1,
+    docs/recipe.md; SAELens' `sqrt(d)` convention would make it sqrt(d) times too small).
     One scalar per layer for multi-layer dictionaries.
     Consumes `n_batches` batches of `batches` (use a fresh stream or the cache reader).
     """
