@@ -8,7 +8,7 @@ SAEBench (`sae_bench/evals/absorption`): for alphabetic vocabulary tokens ("word
 and read the dictionary's input site at the word's position. Then
 
 1. a ground-truth probe: 26 one-vs-rest logistic probes (BCE, positive weight neg/pos) on the
-   activations of the training words; `f1_probe` per letter on the test words;
+   activations of the training words (standardised per dimension here); `f1_probe` per letter on the test words;
 2. k-sparse probing: an L1-penalised one-vs-rest probe on the dictionary's codes ranks latents
    per letter; for k = 1..`max_k` a logistic probe (balanced classes) on the top-k latents
    gives F1_k; the letter's main ("split") latents are the top-k of the last k whose F1 rose
@@ -209,9 +209,13 @@ def absorption_from_arrays(
     train = np.asarray(train, bool)
     test = ~train
     y = np.eye(26, dtype=np.float32)[letters]
-    scale = 1.0 / max(float(np.mean(np.linalg.norm(acts[train], axis=-1))), 1e-12)
-    w_probe, b_probe = _fit_logistic(acts[train] * scale, y[train])
-    probe_logits = (acts * scale) @ w_probe.T + b_probe
+    # standardised per dimension (residual streams have a few huge dimensions); the probe
+    # direction in activation space is w / sd
+    mu, sd = acts[train].mean(0), acts[train].std(0) + 1e-6
+    z = (acts - mu) / sd
+    w_z, b_probe = _fit_logistic(z[train], y[train])
+    probe_logits = z @ w_z.T + b_probe
+    w_probe = w_z / sd
     cscale = 1.0 / max(float(np.mean(np.abs(codes[train]).sum(-1))), 1e-12)
     w_l1, _ = _fit_logistic(codes[train] * cscale, y[train], l1=0.01)
     dec_unit = w_dec / np.maximum(np.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)

@@ -396,7 +396,9 @@ def _recon_device(
     model, members, kind, in_sites, out_sites, tokens, attention_mask, keep, zero_all
 ):
     run = lambda r: model(tokens, attention_mask=attention_mask, interventions=r.interventions())
-    clean = model(tokens, attention_mask=attention_mask)
+    clean = model(
+        tokens, attention_mask=attention_mask, capture=tuple(dict.fromkeys(in_sites + out_sites))
+    )
     spliced = run(_Replacer(members, kind, in_sites, out_sites, keep))
     zero_where = jnp.ones_like(keep) if zero_all else keep
     zeroed = run(_Replacer(members, kind, in_sites, out_sites, zero_where, zero=True))
@@ -414,7 +416,7 @@ def _recon_device(
         "ce_loss_with_ablation": jnp.sum(ce[2] * ce_w),
         "kl_count": jnp.sum(kl_w),
         "ce_count": jnp.sum(ce_w),
-    }
+    }, clean.sites
 
 
 class ReconAccumulator:
@@ -463,35 +465,33 @@ def core_metrics(
     t = as_target(dictionary)
     core = CoreAccumulator(sum(t.widths))
     recon = ReconAccumulator()
-    forward = model.jitted(capture=t.sites, logits=False)
+    forward = None if splice else model.jitted(capture=t.sites, logits=False)
     for batch in batches:
         tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
         tokens = jnp.asarray(tokens)
         keep = keep_mask(tokens, mask, ignore_ids)
         am = None if mask is None else jnp.asarray(mask)
-        sites = (
-            forward(tokens, attention_mask=am).sites if am is not None else forward(tokens).sites
-        )
+        if splice:  # the clean run of the splice captures the sites too
+            sums, sites = _recon_device(
+                model,
+                t.members,
+                t.kind,
+                t.input_sites,
+                t.output_sites,
+                tokens,
+                am,
+                jnp.asarray(keep),
+                zero_ablate_all_positions,
+            )
+            recon.add(sums)
+        else:
+            sites = forward(tokens, attention_mask=am).sites
         x = stack_sites(sites, t.input_sites, t.multilayer)
         y = stack_sites(sites, t.output_sites, t.multilayer)
         x = x.reshape(-1, *x.shape[2:])
         y = y.reshape(-1, *y.shape[2:])
         dev = _core_device(t.members, t.kind, x, jnp.asarray(keep.reshape(-1)))
         core.add(y, dev["y_hat"], keep, dev)
-        if splice:
-            recon.add(
-                _recon_device(
-                    model,
-                    t.members,
-                    t.kind,
-                    t.input_sites,
-                    t.output_sites,
-                    tokens,
-                    am,
-                    jnp.asarray(keep),
-                    zero_ablate_all_positions,
-                )
-            )
     out = core.summary()
     out["misc_metrics"].update(weight_metrics(t))
     if splice and recon.sums:
