@@ -8,7 +8,8 @@ SAEBench (`sae_bench/evals/absorption`): for alphabetic vocabulary tokens ("word
 and read the dictionary's input site at the word's position. Then
 
 1. a ground-truth probe: 26 one-vs-rest logistic probes (BCE, positive weight neg/pos) on the
-   activations of the training words (standardised per dimension here); `f1_probe` per letter on the test words;
+   activations of the training words (standardised per dimension here); `f1_probe` per
+   letter on the test words;
 2. k-sparse probing: an L1-penalised one-vs-rest probe on the dictionary's codes ranks latents
    per letter; for k = 1..`max_k` a logistic probe (balanced classes) on the top-k latents
    gives F1_k; the letter's main ("split") latents are the top-k of the last k whose F1 rose
