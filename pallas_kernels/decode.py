@@ -445,16 +445,21 @@ def _model_axis(mesh, n_latents: int) -> int:
     return size if size > 1 and n_latents % size == 0 else 1
 
 
-def _sharded_decode(values, indices, blocks, kernel, out_dtype, mesh):
+def _sharded_decode(values, indices, blocks, kernel, out_dtype, mesh, slot_groups: int = 1):
     """`_decode` per latent shard: `shard_map` over `model` (and `data` on the token axis when
     it divides), each device gathering only its own decoder rows, then a float32 `psum` over
-    `model`. Pairs whose latent lives on another shard get value 0 (index clipped to 0), so
-    no device ever holds the whole decoder; the custom VJP runs per shard too, and
-    shard_map's transpose sums the values gradient over `model`."""
+    `model`, so no device ever holds the whole decoder; the custom VJP runs per shard too.
+
+    Slots grouped by latent range (`slot_groups` a multiple of the `model` size, as
+    `sparsify(groups=)` makes them): each device receives only its own shard's K/model slots
+    (the slot axis split over `model`). Otherwise every device sees all K slots, pairs whose
+    latent lives on another shard get value 0 (index clipped to 0), and shard_map's transpose
+    sums the values gradient over `model`."""
     data = DATA_AXIS if DATA_AXIS in mesh.axis_names else None
     if data is not None and values.shape[0] % mesh.shape[data]:
         data = None
-    token_spec = jax.sharding.PartitionSpec(data, None, None)
+    own_slots = slot_groups % mesh.shape[MODEL_AXIS] == 0
+    slot_spec = jax.sharding.PartitionSpec(data, None, MODEL_AXIS if own_slots else None)
     block_spec = jax.sharding.PartitionSpec(MODEL_AXIS, None, None)
 
     def per_shard(values, indices, blocks):
@@ -462,17 +467,18 @@ def _sharded_decode(values, indices, blocks, kernel, out_dtype, mesh):
             blocks = jax.lax.pcast(blocks, data, to="varying")
         local_width = blocks[0].shape[0]
         local = indices - jax.lax.axis_index(MODEL_AXIS) * local_width
-        mine = (local >= 0) & (local < local_width)
-        values = jnp.where(mine, values, jnp.zeros_like(values))
-        local = jnp.where(mine, local, 0)
+        if not own_slots:
+            mine = (local >= 0) & (local < local_width)
+            values = jnp.where(mine, values, jnp.zeros_like(values))
+            local = jnp.where(mine, local, 0)
         part = _decode(values, local, blocks, kernel, jnp.float32)
         return jax.lax.psum(part, MODEL_AXIS)
 
     out = jax.shard_map(
         per_shard,
         mesh=mesh,
-        in_specs=(token_spec, token_spec, tuple(block_spec for _ in blocks)),
-        out_specs=token_spec,
+        in_specs=(slot_spec, slot_spec, tuple(block_spec for _ in blocks)),
+        out_specs=jax.sharding.PartitionSpec(data, None, None),
     )(values, indices, tuple(blocks))
     return out.astype(out_dtype)
 
@@ -487,6 +493,7 @@ def sparse_decode(
     *,
     impl: str | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    slot_groups: int = 1,
 ) -> jax.Array:
     """Causal sparse decode: values/indices [..., L, K], blocks[l] [F, L - l, D] -> [..., L, D].
 
@@ -498,6 +505,9 @@ def sparse_decode(
     a mesh of TPU devices compiles the Mosaic kernels natively, also when AOT-compiling on a
     CPU host); when it has a `model` axis of size > 1 that divides F, the decoder is taken as
     sharded over latents on `model` and the op runs per shard (`_sharded_decode`).
+    slot_groups: the K slots come in this many latent-range groups (`sparsify(groups=)`):
+    slots [g·K/G, (g+1)·K/G) hold latents of range g only. The result does not depend on it;
+    with G a multiple of the `model` size each device decodes only its own K/model slots.
     """
     blocks = tuple(jnp.asarray(b) for b in w_dec_blocks)
     values, indices = jnp.asarray(values), jnp.asarray(indices)
@@ -510,7 +520,7 @@ def sparse_decode(
     flat_i = indices.reshape(-1, *indices.shape[-2:]).astype(jnp.int32)
     blocks = tuple(b.astype(dtype) for b in blocks)
     if _model_axis(mesh, width) > 1:
-        out = _sharded_decode(flat_v, flat_i, blocks, kernel, dtype, mesh)
+        out = _sharded_decode(flat_v, flat_i, blocks, kernel, dtype, mesh, slot_groups)
     else:
         out = _jitted_decode(flat_v, flat_i, blocks, kernel, dtype)
     return out.reshape(*lead, n_layers, d_out)
@@ -523,6 +533,7 @@ def sparse_decode_single(
     *,
     impl: str | None = None,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    slot_groups: int = 1,
 ) -> jax.Array:
     """Single-layer decode: values/indices [..., K], w_dec [F, D] -> [..., D] (L = 1)."""
     w_dec = jnp.asarray(w_dec)
@@ -534,6 +545,11 @@ def sparse_decode_single(
             f"expected values/indices [..., K] alike, got {values.shape}, {indices.shape}"
         )
     out = sparse_decode(
-        values[..., None, :], indices[..., None, :], (w_dec[:, None, :],), impl=impl, mesh=mesh
+        values[..., None, :],
+        indices[..., None, :],
+        (w_dec[:, None, :],),
+        impl=impl,
+        mesh=mesh,
+        slot_groups=slot_groups,
     )
     return out[..., 0, :]

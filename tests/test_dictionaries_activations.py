@@ -161,6 +161,33 @@ def test_sparsify_matches_dense_and_counts_overflow():
         sparsify(jnp.asarray(dense), 0)
 
 
+def test_sparsify_groups_keep_the_largest_of_each_latent_range():
+    """groups = 3 over 24 latents, k = 6: slots [2g, 2g + 2) hold the 2 largest codes of
+    latents [8g, 8g + 8); overflow sums what each range drops; groups = 1 is plain top-k."""
+    pre = _pre((5, 7, 24), 7)
+    dense = np.asarray(A.jumprelu(jnp.asarray(pre), np.full(24, 0.5, np.float32)))
+    sp = sparsify(jnp.asarray(dense), 6, groups=3)
+    assert sp.groups == 3 and sp.values.shape == (5, 7, 6)
+    values, indices = np.asarray(sp.values), np.asarray(sp.indices)
+    want_overflow = np.zeros((5, 7), np.int64)
+    for g in range(3):
+        part = dense[..., 8 * g : 8 * g + 8]
+        v, i = values[..., 2 * g : 2 * g + 2], indices[..., 2 * g : 2 * g + 2]
+        assert ((i >= 8 * g) & (i < 8 * g + 8)).all()
+        np.testing.assert_array_equal(v, np.sort(part, -1)[..., ::-1][..., :2])
+        want_overflow += np.maximum((part != 0).sum(-1) - 2, 0)
+        rows = np.take_along_axis(dense, i, -1)
+        np.testing.assert_array_equal(np.where(v != 0, rows, 0), v)
+    assert want_overflow.max() > 0
+    np.testing.assert_array_equal(np.asarray(sp.overflow), want_overflow)
+    np.testing.assert_array_equal(np.asarray(sp.l0()), (dense != 0).sum(-1))
+    plain = sparsify(jnp.asarray(dense), 6, groups=1)
+    np.testing.assert_array_equal(np.asarray(plain.values), np.asarray(sparsify(dense, 6).values))
+    for bad in (4, 0, 5):  # must divide k = 6 and the width 24
+        with pytest.raises(ValueError, match="groups must divide"):
+            sparsify(jnp.asarray(dense), 6, groups=bad)
+
+
 def test_decode_rows_and_to_dense():
     rng = np.random.RandomState(6)
     w = rng.randn(10, 3, 4).astype(np.float32)

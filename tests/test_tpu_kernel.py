@@ -158,15 +158,18 @@ SHARDED = textwrap.dedent(
     from pallas_kernels import sparse_decode
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    impl, K = sys.argv[1], int(sys.argv[2])
+    impl, K, G = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     mesh = make_mesh(data=2, model=4)
     rng = np.random.default_rng(0)
     T, L, F, D = 16, 3, 32, 8
     v = jnp.asarray(rng.standard_normal((T, L, K)), jnp.float32)
-    i = jnp.asarray(rng.integers(0, F, (T, L, K)), jnp.int32)
+    # G slot groups: slots [g K/G, (g+1) K/G) hold latents of range [g F/G, (g+1) F/G)
+    i = rng.integers(0, F // G, (T, L, K)) + np.repeat(np.arange(G) * (F // G), K // G)
+    i = jnp.asarray(i, jnp.int32)
     b = tuple(jnp.asarray(rng.standard_normal((F, L - l, D)), jnp.float32) for l in range(L))
     g = jnp.asarray(rng.standard_normal((T, L, D)), jnp.float32)
-    loss = lambda v, b, mesh=None: jnp.sum(sparse_decode(v, i, b, impl=impl, mesh=mesh) * g)
+    decode = lambda v, b, mesh: sparse_decode(v, i, b, impl=impl, mesh=mesh, slot_groups=G)
+    loss = lambda v, b, mesh=None: jnp.sum(decode(v, b, mesh) * g)
     want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(v, b)
     bs = tuple(jax.device_put(x, NamedSharding(mesh, P("model"))) for x in b)
     vs = jax.device_put(v, NamedSharding(mesh, P("data")))
@@ -177,6 +180,8 @@ SHARDED = textwrap.dedent(
 
     text = str(jax.make_jaxpr(sharded)(vs, bs))
     assert "shard_map" in text and "psum" in text, "decode did not run per latent shard"
+    # grouped slots: each device receives only its own shard's K/model slots
+    assert (f"f32[8,3,{K // 4}]" in text) == (G % 4 == 0), "slot axis split iff G % model == 0"
     got = jax.jit(sharded)(vs, bs)
     for a, c in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-5)
@@ -186,19 +191,27 @@ SHARDED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("impl, k", [("xla", 4), ("xla", 12), ("pallas_tpu", 4)])
-def test_latent_sharded_decode_equals_one_device(impl, k):
+@pytest.mark.parametrize(
+    "impl, k, groups",
+    [("xla", 4, 1), ("xla", 12, 1), ("xla", 16, 2), ("xla", 16, 8), ("pallas_tpu", 8, 4)],
+)
+def test_latent_sharded_decode_equals_one_device(impl, k, groups):
     """On a data=2 x model=4 mesh of simulated devices the decode runs in `shard_map` over the
     latent shards (psum over `model`), and its value and gradients equal the unsharded op;
     the decoder gradient keeps the latent sharding. K = 12 takes the XLA path's scan over
     slot chunks (its carry must be varying over the mesh axes); the Pallas TPU kernels run
-    interpreted, so K = 4 keeps them fast."""
+    interpreted, so K = 4 keeps them fast. Slots in latent-range groups (`slot_groups`, G a
+    multiple of model = 4) reach each device as its own K/4 slots only; G = 2 takes the
+    masked path."""
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
     }
     proc = subprocess.run(
-        [sys.executable, "-c", SHARDED, impl, str(k)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", SHARDED, impl, str(k), str(groups)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -1,6 +1,7 @@
 """The train step on one device equals the same step on 8 simulated CPU devices (meshes
 data=2 x model=4 and data=8 x model=1): parameters, optimizer state and metrics after two
-steps of three dictionaries (Matryoshka JumpReLU SAE, TopK CLT, BatchTopK skip-transcoder).
+steps of three dictionaries (Matryoshka JumpReLU SAE with grouped sparse decode, TopK CLT,
+BatchTopK skip-transcoder).
 Each configuration runs in its own subprocess so the device count does not leak."""
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ SCRIPT = textwrap.dedent(
                          **common),
     ]
     loss = LossConfig(sparsity_warmup_steps=0, bandwidth=0.05, dead_steps=1)
+    # the SAE decodes its 8 largest codes, 2 from each quarter of its latents: on model=4
+    # each device selects and decodes only its own quarter
+    sparse = LossConfig(sparsity_warmup_steps=0, bandwidth=0.05, dead_steps=1, sparse_k=8,
+                        sparse_groups=4)
     opt = OptimizerConfig(lr=1e-3, warmup_steps=1)
-    ts = make_train_step([DictionaryTraining(c, loss, opt) for c in cfgs], mesh)
+    losses = [sparse, loss, loss]
+    ts = make_train_step([DictionaryTraining(c, l, opt) for c, l in zip(cfgs, losses)], mesh)
     state = ts.init(seed=0)
     init = jax.tree.map(np.asarray, state.params)
     rng = np.random.default_rng(0)

@@ -65,12 +65,14 @@ def causal_decode(codes: jax.Array, blocks: tuple[jax.Array, ...], prefix: int |
     return y
 
 
-@jax.jit
-def causal_decode_sparse(values: jax.Array, indices: jax.Array, blocks: tuple[jax.Array, ...]):
+@functools.partial(jax.jit, static_argnames="slot_groups")
+def causal_decode_sparse(
+    values: jax.Array, indices: jax.Array, blocks: tuple[jax.Array, ...], slot_groups: int = 1
+):
     """Sparse `causal_decode`: values/indices [..., L, K] (indices local to each layer's F)
     -> [..., L, D]; `pallas_kernels.sparse_decode` (XLA on CPU, Pallas on TPU / GPU), whose
-    cost is linear in K, not F."""
-    return sparse_decode(values, indices, blocks)
+    cost is linear in K, not F. `slot_groups`: `SparseCodes.groups`."""
+    return sparse_decode(values, indices, blocks, slot_groups=slot_groups)
 
 
 class MultiLayerDictionary(Dictionary):
@@ -166,7 +168,7 @@ class MultiLayerDictionary(Dictionary):
         codes = prefix_mask(codes, prefix)
         dt = self._compute_dtype(codes.values)
         blocks = tuple(self._p(w, dt) for w in self.w_dec)
-        y = causal_decode_sparse(codes.values.astype(dt), codes.indices, blocks)
+        y = causal_decode_sparse(codes.values.astype(dt), codes.indices, blocks, codes.groups)
         return self._add_skip(y + self._p(self.b_dec, dt), x)
 
     def _add_skip(self, y: jax.Array, x: jax.Array | None) -> jax.Array:

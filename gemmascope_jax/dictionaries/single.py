@@ -114,7 +114,10 @@ class SingleLayerDictionary(Dictionary):
         check_prefix(prefix, self.cfg.width)
         codes = prefix_mask(codes, prefix)
         dt = self._compute_dtype(codes.values)
-        y = sparse_decode_single(codes.values.astype(dt), codes.indices, self._p(self.w_dec, dt))
+        w_dec = self._p(self.w_dec, dt)
+        y = sparse_decode_single(
+            codes.values.astype(dt), codes.indices, w_dec, slot_groups=codes.groups
+        )
         return self._add_skip(y + self._p(self.b_dec, dt), x)
 
     def _add_skip(self, y: jax.Array, x: jax.Array | None) -> jax.Array:

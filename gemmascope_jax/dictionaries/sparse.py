@@ -16,6 +16,13 @@ more than K, the K largest are kept and `overflow` counts the rest, so
 For multi-layer dictionaries the layer axis sits before K: values/indices [..., L, K],
 overflow [..., L], indices local to each source layer's F latents.
 
+Grouped selection (`groups` = G > 1, TR App. B.2): the F latents are G contiguous ranges and
+each range keeps its own K/G largest, in slots `[g·K/G, (g+1)·K/G)`. Latents of different
+groups never compete, but with G a multiple of the mesh's `model` axis every device selects
+and decodes only its own latent shard's slots (`pallas_kernels.sparse_decode(slot_groups=)`):
+no gather of the dense codes, and a 1/model share of the decoder-row traffic per device.
+`overflow` is summed over the groups.
+
 Encoders: `sparsify` turns dense codes (e.g. JumpReLU) into this form with an overflow count;
 `topk_codes` is the TopK activation straight to sparse form, per row (for multi-layer
 dictionaries: per source layer), exact (`lax.top_k`) or approximate (`lax.approx_max_k` at a
@@ -43,6 +50,7 @@ class SparseCodes:
     values: jax.Array
     indices: jax.Array
     overflow: jax.Array
+    groups: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def k(self) -> int:
@@ -74,18 +82,27 @@ def _largest(a: jax.Array, k: int, recall_target: float | None):
     return values, indices.astype(jnp.int32)
 
 
-def sparsify(codes: jax.Array, k: int, *, recall_target: float | None = None) -> SparseCodes:
+def sparsify(
+    codes: jax.Array, k: int, *, recall_target: float | None = None, groups: int = 1
+) -> SparseCodes:
     """Dense codes [..., F] (non-negative) -> `SparseCodes` with K = k slots per row.
 
     The K largest codes are kept (`recall_target` switches to `lax.approx_max_k`, which may
-    miss some of them); `overflow` counts the active latents beyond K.
+    miss some of them); `overflow` counts the active latents beyond K. `groups` = G > 1
+    keeps the K/G largest of each of G contiguous latent ranges (module docstring).
     """
-    k = _check_k(k, codes.shape[-1])
-    values, indices = _largest(codes, k, recall_target)
+    width = codes.shape[-1]
+    k = _check_k(k, width)
+    if not isinstance(groups, numbers.Integral) or groups < 1 or k % groups or width % groups:
+        raise ValueError(f"groups must divide k ({k}) and the width ({width}), got {groups!r}")
+    grouped = codes.reshape(*codes.shape[:-1], groups, width // groups)
+    values, indices = _largest(grouped, k // groups, recall_target)
+    indices = indices + (jnp.arange(groups, dtype=jnp.int32) * (width // groups))[:, None]
     values = jnp.where(values > 0, values, jnp.zeros((), values.dtype))
-    active = (codes != 0).sum(-1).astype(jnp.int32)
-    overflow = jnp.maximum(active - k, 0).astype(jnp.int32)
-    return SparseCodes(values=values, indices=indices, overflow=overflow)
+    active = (grouped != 0).sum(-1).astype(jnp.int32)
+    overflow = jnp.maximum(active - k // groups, 0).sum(-1).astype(jnp.int32)
+    flat = lambda a: a.reshape(*codes.shape[:-1], k)
+    return SparseCodes(flat(values), flat(indices), overflow, groups=int(groups))
 
 
 def topk_codes(pre: jax.Array, k: int, *, recall_target: float | None = None) -> SparseCodes:

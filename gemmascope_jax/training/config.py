@@ -149,6 +149,9 @@ class DictionarySpec:
     # and source layer (CLTs: cost linear in depth); TopK always decodes sparsely.
     # topk_recall < 1 uses lax.approx_max_k with that recall (null: exact top-k).
     sparse_k: int | None = _f(None, min=1)
+    # sparse_k/G per each of G latent ranges (TR App. B.2): G a multiple of mesh.model lets
+    # every device select and decode only its own latent shard (docs/kernels.md).
+    sparse_groups: int = _f(1, min=1)
     topk_recall: float | None = _f(None, min=0, max=1)
     # Start from an exported dictionary (any format `formats.load_dictionary` reads, in raw
     # activation units) instead of the GS2 init, e.g. an IT dictionary from the PT one.
@@ -551,6 +554,10 @@ def _validate_dict(d: DictionarySpec, key: str, depth, model_axis, add) -> Dicti
         err("sparse_k", f"bounds JumpReLU / BatchTopK codes; {arch} decodes sparsely with k")
     elif d.sparse_k is not None and d.sparse_k > d.width:
         err("sparse_k", f"{d.sparse_k} must be <= width ({d.width})")
+    if d.sparse_groups > 1 and d.sparse_k is None:
+        err("sparse_groups", "groups the slots of sparse_k, which is not set")
+    elif d.sparse_k is not None and (d.sparse_k % d.sparse_groups or d.width % d.sparse_groups):
+        err("sparse_groups", f"{d.sparse_groups} must divide sparse_k and width ({d.width})")
     if model_axis and d.width % model_axis:
         err("width", f"{d.width} not divisible by the mesh model axis ({model_axis})")
     try:

@@ -123,6 +123,10 @@ class LossConfig:
         topk_recall: recall target of `lax.approx_max_k` for sparse TopK (None = exact).
         sparse_k: JumpReLU only: decode the `sparse_k` largest codes per token (and source
             layer) with the sparse op (None = dense decode).
+        sparse_groups: with `sparse_k`, keep the sparse_k/G largest of each of G contiguous
+            latent ranges (TR App. B.2; `dictionaries.sparse.sparsify`). With G a multiple
+            of the mesh's `model` size, each device selects and decodes only its own
+            latents; the result does not depend on the mesh.
     """
 
     bandwidth: float = 0.001
@@ -141,6 +145,7 @@ class LossConfig:
     sparse_topk: bool = True
     topk_recall: float | None = None
     sparse_k: int | None = None
+    sparse_groups: int = 1
 
     def check(self, cfg: DictionaryConfig) -> None:
         """Raise a ValueError naming every field that does not fit the dictionary `cfg`."""
@@ -176,6 +181,13 @@ class LossConfig:
                 )
             elif not 1 <= self.sparse_k <= cfg.width:
                 problems.append(f"sparse_k must be in 1..{cfg.width}, got {self.sparse_k}")
+            elif self.sparse_k % self.sparse_groups or cfg.width % self.sparse_groups:
+                problems.append(
+                    f"sparse_groups {self.sparse_groups} must divide sparse_k "
+                    f"({self.sparse_k}) and the width ({cfg.width})"
+                )
+        if self.sparse_groups < 1:
+            problems.append(f"sparse_groups must be >= 1, got {self.sparse_groups}")
         if self.topk_recall is not None and not 0 < self.topk_recall <= 1:
             problems.append(f"topk_recall must be in (0, 1], got {self.topk_recall}")
         if problems:
@@ -221,7 +233,9 @@ def sparse_training_codes(
     if cfg.architecture == "topk" and lcfg.sparse_topk:
         return topk_codes(pre, cfg.k, recall_target=lcfg.topk_recall)
     if cfg.architecture in BOUNDED_SPARSE and lcfg.sparse_k is not None:
-        return sparsify(codes, lcfg.sparse_k, recall_target=lcfg.topk_recall)
+        return sparsify(
+            codes, lcfg.sparse_k, recall_target=lcfg.topk_recall, groups=lcfg.sparse_groups
+        )
     return None
 
 

@@ -200,6 +200,7 @@ def _trainings(cfg: RunConfig, model) -> list[DictionaryTraining]:
             aux_coeff=t.aux_coeff,
             dead_steps=t.dead_steps,
             sparse_k=spec.sparse_k,
+            sparse_groups=spec.sparse_groups,
             topk_recall=spec.topk_recall,
         )
         optimizer = OptimizerConfig(
