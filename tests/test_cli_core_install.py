@@ -1,9 +1,9 @@
 """Every CLI verb's `--help` works with only the core dependencies (issue 14, part 5).
 
-A fresh interpreter blocks the imports of everything that is only in an extra (matplotlib,
-datasets, torch, sae-lens, selenium, accelerate, TransformerLens, the embedded-model
-package), then runs `gemmascope-jax <verb> --help` for every verb. CI's separate core-only
-venv is the real check; this one runs in the suite.
+A fresh interpreter blocks the imports of everything that is only in an extra (datasets,
+torch, sae-lens, selenium, accelerate, TransformerLens, the embedded-model package) and of
+matplotlib (a core dependency, but `--help` must not pay for importing it), then runs
+`gemmascope-jax <verb> --help` for every verb.
 """
 
 from __future__ import annotations
