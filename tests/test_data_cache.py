@@ -137,6 +137,11 @@ def test_partial_and_corrupted_caches_are_rejected(stream_batches, tmp_path):
     write_activation_cache(path, stream_batches[:3], model="m", seq_len=16, chunk_tokens=40)
     with pytest.raises(FileExistsError):
         write_activation_cache(path, stream_batches[:3], model="m", seq_len=16)
+    user = tmp_path / "user"
+    (user / "notes").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="did not create"):  # not ours: never replaced
+        write_activation_cache(user, stream_batches[:1], model="m", seq_len=16, replace_ours=True)
+    assert (user / "notes").is_dir()
     f = path / "chunks" / "000001_2.npy"
     data = bytearray(f.read_bytes())
     data[-5] ^= 0xFF  # a flipped bit: same size, caught by the checksum
@@ -152,6 +157,23 @@ def test_partial_and_corrupted_caches_are_rejected(stream_batches, tmp_path):
         ActivationCacheReader(path, 8)
     with pytest.raises(CacheError, match="no manifest"):
         ActivationCacheReader(tmp_path / "missing", 8)
+
+
+def test_manifest_paths_stay_inside_the_cache(stream_batches, tmp_path):
+    path = tmp_path / "acts"
+    write_activation_cache(path, stream_batches[:1], model="m", seq_len=16, chunk_tokens=40)
+    outside = tmp_path / "elsewhere.npy"
+    first = next(
+        iter(json.loads((path / "manifest.json").read_text())["chunks"][0]["files"].values())
+    )
+    outside.write_bytes((path / first["path"]).read_bytes())
+    manifest = json.loads((path / "manifest.json").read_text())
+    for entry in ("../elsewhere.npy", str(outside)):
+        site = next(iter(manifest["chunks"][0]["files"]))
+        manifest["chunks"][0]["files"][site]["path"] = entry
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CacheError, match="manifest.json: path"):
+            ActivationCacheReader(path, 8)
 
 
 def test_unknown_site_is_rejected(cache):

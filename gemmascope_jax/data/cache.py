@@ -35,7 +35,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from gemmascope_jax.formats.io import atomic_output_dir
+from gemmascope_jax.formats.io import FormatError, atomic_output_dir, path_inside
 
 FORMAT = "gemmascope_jax.activation_cache"
 VERSION = 1
@@ -57,14 +57,18 @@ def write_activation_cache(
     dtype: str = "float32",
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    replace_ours: bool = False,
 ) -> Path:
-    """Write `{site: [n, d]}` batches (up to `max_tokens` rows) as a cache; returns its path."""
+    """Write `{site: [n, d]}` batches (up to `max_tokens` rows) as a cache; returns its path.
+
+    An existing folder at `path` is refused, unless `overwrite`, or unless `replace_ours` and
+    it is an output of this package (e.g. a cache too short for the run)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     path = Path(path)
-    with atomic_output_dir(path, force=overwrite) as tmp:
+    with atomic_output_dir(path, force=overwrite, replace_ours=replace_ours) as tmp:
         (tmp / "chunks").mkdir()
         sites: dict[str, int] | None = None
         pending: dict[str, list[np.ndarray]] = {}
@@ -182,7 +186,10 @@ def read_manifest(path: str | os.PathLike, verify: bool = False) -> dict:
         raise CacheError(f"{mpath}: chunk sizes do not add up to n_tokens={m['n_tokens']}")
     for chunk in m["chunks"]:
         for site, f in chunk["files"].items():
-            fp = path / f["path"]
+            try:  # a manifest names files inside its own folder only
+                fp = path_inside(path, f["path"], mpath)
+            except FormatError as e:
+                raise CacheError(str(e)) from None
             if not fp.is_file():
                 raise CacheError(f"{fp}: missing file of site {site!r}")
             if fp.stat().st_size != f["bytes"]:
@@ -271,7 +278,7 @@ class ActivationCacheReader(grain.DatasetIterator):
                     dest = np.empty(shape, raw)
                 else:
                     dest = self._staging(shape, raw)
-                _read_npy_into(self.path / chunk["files"][s]["path"], dest)
+                _read_npy_into(self.path / chunk["files"][s]["path"], dest)  # checked on open
                 if bf16:
                     import ml_dtypes
 

@@ -363,7 +363,7 @@ class ActivationPipeline(Iterator[Batch]):
                 model=self.model.cfg.name,
                 seq_len=cfg.data.seq_len,
                 max_tokens=needed,
-                overwrite=True,
+                replace_ours=True,  # never a folder the user made (issue 14)
             )
 
     # -- normalisation and checkpoints -----------------------------------------------------
