@@ -114,6 +114,8 @@ def _train(args: argparse.Namespace) -> int:
     for name, paths in result.exports.items():
         for fmt, path in paths.items():
             print(f"export {name} [{fmt}]: {path}")
+    for name, path in result.cards.items():
+        print(f"quality card {name}: {path}")
     return 0
 
 

@@ -301,7 +301,7 @@ def write_config(root: Path, model_dir: Path, run_dir: Path, **finetune) -> Path
         },
         "finetune": {"beta": 4.0, "steps": 8, "lr": 1e-3, "batch_size": 2, **finetune},
         "checkpoint": {"every_steps": 2, "keep": 2},
-        "eval": {"every_steps": 0, "heldout_tokens": 128},
+        "eval": {"every_steps": 0, "heldout_tokens": 128, "card": False},
         "export": {"formats": ["native"]},
         "report": {"log_every": 2, "progress": False},
     }

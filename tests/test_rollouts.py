@@ -274,7 +274,7 @@ def write_config(tmp_path: Path, it_dir: Path, rollouts_out: Path, **dict_extra)
         ],
         "train": {"steps": 2, "batch_tokens": 32, "lr_warmup_steps": 1},
         "checkpoint": {"every_steps": 0},
-        "eval": {"every_steps": 0, "heldout_tokens": 64, "splice": False},
+        "eval": {"every_steps": 0, "heldout_tokens": 64, "splice": False, "card": False},
         "export": {"formats": ["native"]},
         "report": {"progress": False, "tensorboard": False},
     }
@@ -350,6 +350,7 @@ def it_recipe(run_dir: Path, it_dir: Path, rollouts_out: Path, export: Path, *ex
             "checkpoint.every_steps=0",
             "eval.every_steps=0",
             "eval.heldout_tokens=64",
+            "eval.card=false",
             "export.formats=[native]",
             "report.progress=false",
             "report.tensorboard=false",

@@ -66,7 +66,7 @@ def write_config(tmp_path: Path, tiny_dir: Path, **train) -> Path:
             **train,
         },
         "checkpoint": {"every_steps": 2, "keep": 2},
-        "eval": {"every_steps": 0, "heldout_tokens": 256},
+        "eval": {"every_steps": 0, "heldout_tokens": 256, "card": False},  # cards: one test
         "export": {"formats": ["native", "gemma-scope-2", "saelens"]},
         "report": {"log_every": 2, "progress": False},
     }
@@ -77,7 +77,7 @@ def write_config(tmp_path: Path, tiny_dir: Path, **train) -> Path:
 
 
 def test_train_exports_and_reports(tiny_dir, tmp_path):
-    cfg = load_config(write_config(tmp_path, tiny_dir), ["eval.every_steps=4"])
+    cfg = load_config(write_config(tmp_path, tiny_dir), ["eval.every_steps=4", "eval.card=true"])
     result = run_training(cfg)
     assert result.steps == 8
     for name in ("sae", "skip"):
@@ -95,6 +95,13 @@ def test_train_exports_and_reports(tiny_dir, tmp_path):
     evals = [r for r in rows if "eval" in r]
     assert [r["step"] for r in evals] == [4, 8]  # eval.every_steps=4, and the final eval
     assert evals[-1]["eval"]["sae"]["fvu"] == pytest.approx(result.evals["sae"]["fvu"])
+    for name in ("sae", "skip"):  # a quality card per dictionary, on the same held-out text
+        assert result.cards[name] == report / "cards" / name / "card.md"
+        card = json.loads((report / "cards" / name / "card.json").read_text())
+        assert card["dictionary"]["kind"] == ("sae" if name == "sae" else "skip_transcoder")
+        core = card["saebench_core"]  # the card's L0 is the held-out eval's, on the same tokens
+        assert core["sparsity"]["l0"] == pytest.approx(result.evals[name]["l0"], rel=0.2)
+        assert np.isfinite(core["model_performance_preservation"]["ce_loss_score"])
 
 
 def _run_cli(config: Path, *overrides: str, devices: int = 1) -> subprocess.Popen:

@@ -267,6 +267,9 @@ class EvalConfig:
     every_steps: int = _f(1000, min=0)  # 0: only at the end
     heldout_tokens: int = _f(65_536, min=0)
     splice: bool = True  # delta LM loss and KL with reconstructions spliced in
+    # a quality card per dictionary at the end (report/cards/NAME: SAEBench core metrics and
+    # plots, docs/evaluate.md; absorption is left to `gemmascope-jax evaluate`: minutes on CPU)
+    card: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

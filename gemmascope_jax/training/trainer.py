@@ -67,6 +67,7 @@ class RunResult:
     exports: dict[str, dict[str, str]]
     report_dir: Path
     stopped_early: bool = False
+    cards: dict[str, Path] = dataclasses.field(default_factory=dict)  # name -> card.md
 
 
 def run_training(cfg: RunConfig) -> RunResult:
@@ -158,11 +159,14 @@ def _train(cfg, model, tok, step, ckpt, restored, pipeline, heldout_docs, lead) 
     evals = heldout(dictionaries)
     logger.log_eval(final_step, evals)
     exports = _export(cfg, dictionaries) if lead else {}
+    cards = {}
     if lead:
         write_report(cfg.report_dir, logger.history, evals, exports, dictionaries)
+        if cfg.eval.card and cfg.eval.heldout_tokens:
+            cards = _write_cards(cfg, model, tok, dictionaries, heldout)
     logger.close()
     ckpt.close()
-    return RunResult(final_step, evals, exports, cfg.report_dir)
+    return RunResult(final_step, evals, exports, cfg.report_dir, cards=cards)
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -315,6 +319,19 @@ class _HeldoutEval:
                 result.update(splice_eval(self.model, d, tokens))
             evals[name] = result
         return evals
+
+
+def _write_cards(cfg, model, tok, dictionaries, heldout) -> dict[str, Path]:
+    """The quality card of each dictionary on the held-out tokens: report/cards/NAME."""
+    from gemmascope_jax.evals.card import write_card
+
+    tokens, _ = heldout._heldout()
+    cards = {}
+    for name, d in dictionaries.items():
+        out = Path(cfg.report_dir) / "cards" / name
+        write_card(d, model, tokens, out, tokenizer=tok, absorption=False)
+        cards[name] = out / "card.md"
+    return cards
 
 
 TRANSCODER_SET = "transcoder_set"  # export name of the per-layer transcoders as one set
