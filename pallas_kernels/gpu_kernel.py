@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.manual_call import manual_pallas_call
+from pallas_kernels.manual_call import manual_pallas_call, sparse_rows_cost
 
 TOKEN_TILE = 16
 MAX_COL_TILE = 512
@@ -103,6 +103,12 @@ def gpu_gather_rows(
         out_specs=pl.BlockSpec((TOKEN_TILE, col_tile), lambda i, c: (i, c)),
         input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
+        cost_estimate=sparse_rows_cost(
+            n_padded * n_slots,
+            n_cols,
+            table.dtype.itemsize,
+            n_padded * (n_slots * 8 + out_cols * 4),
+        ),
         interpret=interpret,
         name="sparse_decode_rows_gpu",
     )

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.manual_call import manual_pallas_call
+from pallas_kernels.manual_call import manual_pallas_call, sparse_rows_cost
 
 LANES = 128
 MiB = 1 << 20
@@ -255,7 +255,9 @@ def _latent_rows_kernel(
         out_ref[pl.ds(j, 1), :] = acc[j]
 
 
-def _tpu_call(kernel, operands, out_shape, grid_spec, semantics, interpret, name, aliases=None):
+def _tpu_call(
+    kernel, operands, out_shape, grid_spec, semantics, interpret, name, cost, aliases=None
+):
     """One Mosaic kernel call: float32 [out_shape], typed for an enclosing `shard_map`."""
     return manual_pallas_call(
         kernel,
@@ -263,6 +265,7 @@ def _tpu_call(kernel, operands, out_shape, grid_spec, semantics, interpret, name
         out_shape,
         grid_spec=grid_spec,
         input_output_aliases=aliases or {},
+        cost_estimate=cost,
         compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         interpret=_interpret(interpret),
         name=name,
@@ -354,6 +357,12 @@ def _gather_call(values, indices, table, col_offset, n_cols, tiles, interpret, p
         ("parallel", "parallel"),
         interpret,
         "sparse_decode_rows_tpu",
+        sparse_rows_cost(
+            n_padded * n_active,
+            n_cols,
+            table.dtype.itemsize,
+            n_padded * n_active * 8 + n_padded * n_cols * 4,
+        ),
         aliases,
     )
     return out[:n_tokens]
@@ -418,6 +427,12 @@ def _row_dot_call(indices, table, g, g_offset, tiles, interpret):
         ("parallel", "arbitrary"),
         interpret,
         "sparse_decode_row_dots_tpu",
+        sparse_rows_cost(
+            n_padded * n_active,
+            n_cols,
+            table.dtype.itemsize,
+            n_padded * n_active * 8 + n_padded * n_cols * g.dtype.itemsize,
+        ),
     )
     return out[:n_tokens]
 
@@ -514,5 +529,8 @@ def _latent_rows_call(
         ("parallel", "parallel"),
         interpret,
         "sparse_decode_latent_rows_tpu",
+        sparse_rows_cost(  # g rows per pair; the output (and the aliased previous sum) once
+            n_pairs, n_cols, 4, n_pairs * 8 + n_padded * n_cols * 4 * (1 + len(aliases))
+        ),
         aliases,
     )
