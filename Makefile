@@ -34,6 +34,7 @@ interop: $(INTEROP)/.installed
 $(INTEROP)/.installed: scripts/interop/requirements.txt
 	$(PYTHON) -m venv $(INTEROP)
 	$(INTEROP)/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/interop/requirements.txt 2>&1 | $(QUIET_PIP)
+	$(INTEROP)/bin/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision
 	touch $@
 
 # The jax CUDA PJRT plugin lives in its own venv (in .venv it would print a cuDNN traceback in
