@@ -4,8 +4,8 @@ On the embedded Gemma 3 270M:
 
 1. **First stage**: the demo-scale dictionaries of `configs/demo.yaml` (Matryoshka JumpReLU
    SAE on `resid_post.9`, width 4096, and the skip-transcoder `mlp_in.9 -> mlp_out.9`, both
-   L0 target 32), trained with `run_training` on the embedded corpus (CPython's pydoc
-   topics), `--steps` steps (the demo's settings otherwise).
+   L0 target 32), trained with `run_training` on the config's data (the demo: the default
+   embedded corpus), `--steps` steps (the demo's settings otherwise).
 2. **Finetune**: for each β in `--betas`, `run_finetune` (training/finetune.py) from the first
    stage's final checkpoint, `--ft-steps` steps of `--ft-batch` windows of 128 tokens at lr
    `--ft-lr`. β = 0 is the control: the same steps with MSE + sparsity only, so that the
@@ -15,7 +15,7 @@ On the embedded Gemma 3 270M:
    a training source). The trainer's own held-out eval (`training.trainer._HeldoutEval`:
    `evals.metrics.evaluate` for FVU / L0 and `evals.splice.splice_eval` for delta LM loss
    and KL) runs on the exported (folded, raw-unit) dictionaries, before and after.
-   `--pydoc` also measures on the first stage's held-out split of the training corpus.
+   `--train-heldout` also measures on the first stage's held-out split of its training data.
 
 Writes `results.json`, `table.md` and `finetune.png` under `--out` and prints the table.
 Rerunning resumes: finished stages are restored from their checkpoints.
@@ -47,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--ft-lr", type=float, default=3e-4, help="finetune lr (constant)")
     p.add_argument("--betas", default="0,1,4", help="comma-separated; 0 = MSE-only control")
     p.add_argument("--heldout-tokens", type=int, default=8192)
-    p.add_argument("--pydoc", action="store_true", help="also measure on pydoc held-out docs")
+    p.add_argument(
+        "--train-heldout", action="store_true", help="also measure on the run's held-out split"
+    )
     p.add_argument("--override", action="append", default=[], help="extra key=value for all")
     return p.parse_args(argv)
 
@@ -85,6 +87,20 @@ def stage_configs(args, out: Path):
     return first, ft
 
 
+def _native(exports: dict[str, dict[str, str]], export_dir: Path) -> dict[str, str]:
+    """{name: native export folder}; a rerun's export that was skipped (the folder exists
+    and was not replaced) is the same final state's: use the folder."""
+    out = {}
+    for name, paths in exports.items():
+        path = paths["native"]
+        if path.startswith("skipped"):
+            path = str(export_dir / name / "native")
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"no native export of {name}: {paths['native']}")
+        out[name] = path
+    return out
+
+
 def measure(cfg, model, tok, exports: dict[str, str], docs, tokens: int) -> dict[str, dict]:
     """Held-out FVU / L0 / delta loss / KL of each exported dictionary (the trainer's eval)."""
     import dataclasses
@@ -107,11 +123,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import jax
 
-    from gemmascope_jax.data.corpus import embedded_corpus
     from gemmascope_jax.data.sources import open_source, split_documents
     from gemmascope_jax.gemma3.loading import load_gemma3
     from gemmascope_jax.training.finetune import run_finetune
-    from gemmascope_jax.training.trainer import HELDOUT_FRACTION, run_training
+    from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents, run_training
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +137,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     r1 = run_training(first_cfg)
     timings["first_stage_s"] = time.perf_counter() - t
-    exports = {"first stage": {n: p["native"] for n, p in r1.exports.items()}}
+    exports = {"first stage": _native(r1.exports, first_cfg.export_dir)}
     print(f"first stage: {r1.steps} steps, {timings['first_stage_s']:.0f} s", flush=True)
 
     for b, cfg in ft_cfgs.items():
@@ -132,7 +147,7 @@ def main(argv=None) -> int:
         if r.stopped_early:
             print(f"finetune beta {b:g} stopped at step {r.steps}; rerun to resume")
             return 1
-        exports[f"beta={b:g}"] = {n: p["native"] for n, p in r.exports.items()}
+        exports[f"beta={b:g}"] = _native(r.exports, cfg.path(cfg.finetune.dir) / "export")
         print(
             f"finetune beta {b:g}: {r.steps} steps, {timings[f'finetune_beta{b:g}_s']:.0f} s",
             flush=True,
@@ -142,9 +157,9 @@ def main(argv=None) -> int:
     model, tok = load_gemma3(None, dtype=first_cfg.model.dtype)
     english = open_source(str(HELDOUT), field="text")
     sets = {"english": english}
-    if args.pydoc:
-        sets["pydoc"] = split_documents(
-            embedded_corpus(), holdout=HELDOUT_FRACTION, seed=first_cfg.data.seed
+    if args.train_heldout:
+        sets["training held-out"] = split_documents(
+            _documents(first_cfg), holdout=HELDOUT_FRACTION, seed=first_cfg.data.seed
         )[1]
     results: dict[str, dict] = {k: {} for k in sets}
     for set_name, docs in sets.items():
@@ -161,7 +176,7 @@ def main(argv=None) -> int:
         "model": "embedded Gemma 3 270M (float32)",
         "heldout": {
             "english": str(HELDOUT.relative_to(ROOT)),
-            "pydoc": "first stage's held-out split" if args.pydoc else None,
+            "training held-out": "first stage's held-out split" if args.train_heldout else None,
         },
         "devices": [str(d) for d in jax.devices()],
         "timings": timings,
