@@ -10,7 +10,7 @@ SHELL := /bin/bash
 # pip prints a warning per package for index folders it cannot read; keep real errors.
 QUIET_PIP := { grep -v "is ignored" || true; }
 
-.PHONY: demo test lint format bench clean interop
+.PHONY: demo test lint format bench clean interop core-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,16 @@ $(GPU_AOT)/.installed: constraints.txt
 	$(GPU_AOT)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2 2>&1 | $(QUIET_PIP)
 	touch $@
 
-test: $(VENV)/.installed-test interop $(GPU_AOT)/.installed
+# Only `pip install gemmascope-jax`, no extras: tests/test_cli_core_install.py runs every
+# CLI verb's --help with it (a missing core dependency fails there).
+CORE := .venv-core
+core-venv: $(CORE)/.installed
+$(CORE)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(CORE)
+	$(CORE)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e . 2>&1 | $(QUIET_PIP)
+	touch $@
+
+test: $(VENV)/.installed-test interop $(GPU_AOT)/.installed $(CORE)/.installed
 	@# The dashboard test drives Debian's headless Chromium; install it when missing.
 	@test -x /usr/bin/chromedriver || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(BIN)/ruff check .

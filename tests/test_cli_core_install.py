@@ -3,7 +3,9 @@
 A fresh interpreter blocks the imports of everything that is only in an extra (datasets,
 torch, sae-lens, selenium, accelerate, TransformerLens, the embedded-model package) and of
 matplotlib (a core dependency, but `--help` must not pay for importing it), then runs
-`gemmascope-jax <verb> --help` for every verb.
+`gemmascope-jax <verb> --help` for every verb. The same script then runs, blocking nothing,
+in `.venv-core`: a virtualenv with only `pip install gemmascope-jax` (no extras), which
+`make test` builds (`make core-venv`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+CORE_PYTHON = REPO / ".venv-core" / "bin" / "python"
+CORE_STAMP = REPO / ".venv-core" / ".installed"  # written by `make core-venv` when complete
 EXTRAS_ONLY = (
     "matplotlib",
     "datasets",
@@ -65,11 +71,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_every_verb_help_without_the_extras():
+def _help_of_every_verb(python, blocked: tuple[str, ...], cwd: Path) -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("PYTHONPATH", None)
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, ",".join(EXTRAS_ONLY)],
-        cwd=REPO,
+        [str(python), "-c", SCRIPT, ",".join(blocked)],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -77,6 +84,23 @@ def test_every_verb_help_without_the_extras():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"train", "convert", "dashboard", "demo"} <= set(results), results
-    bad = {verb: r for verb, r in results.items() if r != "exit 0"}
-    assert not bad, bad
+    assert {"train", "convert", "dashboard", "demo", "evaluate"} <= set(results), results
+    return {verb: r for verb, r in results.items() if r != "exit 0"}
+
+
+def test_every_verb_help_without_the_extras():
+    assert not _help_of_every_verb(sys.executable, EXTRAS_ONLY, REPO)
+
+
+def test_every_verb_help_in_a_core_only_venv(tmp_path):
+    """The real thing: the package installed without extras (from outside the checkout, so
+    the installed package is what is imported)."""
+    if not CORE_STAMP.exists():
+        pytest.skip(".venv-core not built (make core-venv; make test builds it)")
+    probe = subprocess.run(
+        [str(CORE_PYTHON), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+        capture_output=True,
+        text=True,
+    )
+    assert probe.stdout.strip() == "None", "the core venv must not have the test extras"
+    assert not _help_of_every_verb(CORE_PYTHON, (), tmp_path)
