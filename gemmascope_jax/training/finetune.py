@@ -67,9 +67,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from gemmascope_jax.dictionaries import activations as act_lib
+from gemmascope_jax.training.losses import jumprelu_penalties
 from gemmascope_jax.training.optimizer import OptimizerConfig, constrain_params
-from gemmascope_jax.training.schedules import linear_warmup
 from gemmascope_jax.training.step import DictionaryTraining, TrainState, TrainStep
 
 log = logging.getLogger(__name__)
@@ -329,29 +328,11 @@ class FinetuneStep(TrainStep):
         return total, metrics
 
     def _sparsity(self, t: DictionaryTraining, d, pre, w, n_tok, step, metrics) -> jax.Array:
-        """The first stage's JumpReLU penalties over spliced tokens (`losses._jumprelu_
-        penalties` with token weights `w`); 0 for TopK."""
-        cfg, lcfg = t.cfg, t.loss
-        if cfg.architecture != "jumprelu":
+        """The first stage's JumpReLU penalties over spliced tokens (token weights `w`); 0 for
+        TopK."""
+        if t.cfg.architecture != "jumprelu":
             return jnp.zeros((), jnp.float32)
-        step_fn = act_lib.heaviside_ste(pre, d.threshold[...].astype(pre.dtype), lcfg.bandwidth)
-        l0_tokens = jnp.sum(step_fn, axis=tuple(range(1, pre.ndim)))
-        target = lcfg.target_at(cfg, step)
-        coeff = linear_warmup(lcfg.sparsity_coeff, lcfg.sparsity_warmup_steps, step)
-        if lcfg.l0_penalty == "batch":
-            dev = jnp.square(jnp.sum(w * l0_tokens) / n_tok - target)
-        else:
-            dev = jnp.sum(w * jnp.square(l0_tokens - target)) / n_tok
-        sparsity = coeff * (2.0 / target) * dev
-        metrics.update(sparsity_coeff=coeff, l0_target=target)
-        if lcfg.freq_penalty_coeff > 0:
-            freq = jnp.sum(_expand(w, step_fn) * step_fn, axis=0) / n_tok
-            penalty = lcfg.freq_penalty_coeff * jnp.sum(
-                jnp.square(jax.nn.relu(freq - lcfg.freq_penalty_max))
-            )
-            metrics["freq_penalty"] = penalty
-            sparsity = sparsity + penalty
-        return sparsity
+        return jumprelu_penalties(d, pre, t.loss, step, metrics, weights=w)
 
     # ---- the step ------------------------------------------------------------------------------
 

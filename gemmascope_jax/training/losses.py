@@ -301,7 +301,7 @@ def dictionary_loss(
     metrics["num_dead"] = num_dead
 
     if jump:
-        extra = _jumprelu_penalties(d, pre, lcfg, step, metrics)
+        extra = jumprelu_penalties(d, pre, lcfg, step, metrics)
     else:
         extra = _aux_k_loss(d, pre, y - y_hat, steps_since_fired, num_dead, lcfg, metrics)
     loss = recon_loss + extra
@@ -310,23 +310,34 @@ def dictionary_loss(
     return loss, metrics
 
 
-def _jumprelu_penalties(d: Dictionary, pre, lcfg: LossConfig, step, metrics) -> jax.Array:
+def jumprelu_penalties(
+    d: Dictionary, pre, lcfg: LossConfig, step, metrics, weights: jax.Array | None = None
+) -> jax.Array:
+    """The quadratic L0 penalty and the frequency penalty of pre-activations `pre` [N, (L,) F];
+    `weights` [N] (e.g. 0/1 for the tokens a finetune splices) weight the token means."""
     cfg = d.cfg
+
+    def token_mean(a):  # [N, ...] -> [...]
+        if weights is None:
+            return jnp.mean(a, axis=0)
+        w = weights.reshape(weights.shape + (1,) * (a.ndim - 1)).astype(a.dtype)
+        return jnp.sum(w * a, axis=0) / jnp.maximum(jnp.sum(weights), 1.0).astype(a.dtype)
+
     step_fn = act_lib.heaviside_ste(pre, d.threshold[...].astype(pre.dtype), lcfg.bandwidth)
     l0_tokens = jnp.sum(step_fn, axis=tuple(range(1, pre.ndim)))  # [N], STE for θ
     target = lcfg.target_at(cfg, step)
     coeff = linear_warmup(lcfg.sparsity_coeff, lcfg.sparsity_warmup_steps, step)
     if lcfg.l0_penalty == "batch":
-        dev = jnp.square(jnp.mean(l0_tokens) - target)
+        dev = jnp.square(token_mean(l0_tokens) - target)
     else:
-        dev = jnp.mean(jnp.square(l0_tokens - target))
+        dev = token_mean(jnp.square(l0_tokens - target))
     sparsity = coeff * (2.0 / target) * dev
     metrics.update(sparsity_loss=sparsity, sparsity_coeff=coeff, l0_target=target)
     if lcfg.freq_penalty_coeff <= 0:
         return sparsity
     # [(L,) F] firing frequency; its STE reaches θ *and* the pre-activations (the encoder),
     # else the encoder bias follows θ up and the frequency never falls (see freq_step)
-    freq = jnp.mean(freq_step(pre, d.threshold[...].astype(pre.dtype), lcfg.bandwidth), axis=0)
+    freq = token_mean(freq_step(pre, d.threshold[...].astype(pre.dtype), lcfg.bandwidth))
     penalty = lcfg.freq_penalty_coeff * jnp.sum(
         jnp.square(jax.nn.relu(freq - lcfg.freq_penalty_max))
     )
