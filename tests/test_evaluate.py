@@ -293,6 +293,13 @@ def test_cli_evaluate_saelens_sae(full_vocab_dir, tmp_path, capsys):
     card = json.loads(last)
     assert card["dictionary"]["kind"] == "sae" and card["data"]["seq_len"] == 16
     assert card == json.loads((tmp_path / "card" / "card.json").read_text())
+    assert main(argv) == 0  # our own earlier card is replaced
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    argv[argv.index(str(tmp_path / "card"))] = str(user)
+    assert main(argv) == 2  # a folder we did not make: refused before evaluating
+    assert "--force" in capsys.readouterr().err and (user / "notes.txt").read_text() == "mine"
 
 
 def test_cli_evaluate_bad_paths(full_vocab_dir, tmp_path, capsys):

@@ -346,16 +346,25 @@ def _json_safe(v):
     return v
 
 
-def write_card(dictionary, model, tokens, out_dir, *, tokenizer=None, **kwargs) -> dict[str, Any]:
-    """Evaluate and write `card.json`, `card.md` and the plots into `out_dir`; returns the card
-    (as written: non-finite numbers become null). kwargs go to `evaluate_card`."""
+def write_card(
+    dictionary, model, tokens, out_dir, *, tokenizer=None, force: bool = False, **kwargs
+) -> dict[str, Any]:
+    """Evaluate and write `card.json`, `card.md` and the plots as the folder `out_dir`; returns
+    the card (as written: non-finite numbers become null). kwargs go to `evaluate_card`.
+
+    The folder is written whole or not at all; an existing one is replaced only when an
+    earlier card (any output of this package) made it, or with `force`, checked before the
+    evaluation runs."""
+    from gemmascope_jax.formats.io import atomic_output_dir, check_replaceable
+
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, force=force, replace_ours=True)
     card, density = evaluate_card(dictionary, model, tokens, tokenizer=tokenizer, **kwargs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    card["plots"] = write_plots(card, density, out_dir)
-    card = _json_safe(card)
-    (out_dir / "card.json").write_text(json.dumps(card, indent=1) + "\n")
-    (out_dir / "card.md").write_text(render_markdown(card))
+    with atomic_output_dir(out_dir, force=force, replace_ours=True) as tmp:
+        card["plots"] = write_plots(card, density, tmp)
+        card = _json_safe(card)
+        (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+        (tmp / "card.md").write_text(render_markdown(card))
     return card
 
 
@@ -378,7 +387,8 @@ def add_evaluate_parser(subparsers) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens to evaluate on")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="sequences per forward")
-    p.add_argument("--out", default=None, help="card folder (default: DICT/card)")
+    p.add_argument("--out", default=None, help="card folder (default: ./card-NAME of DICT)")
+    p.add_argument("--force", action="store_true", help="replace an --out folder we did not make")
     p.add_argument("--no-absorption", action="store_true", help="skip the absorption task")
     p.add_argument("--json", action="store_true", help="last line: the card as JSON")
     p.set_defaults(func=run_evaluate_cli)
@@ -418,6 +428,8 @@ def _source(args, model, tok):
 
 
 def run_evaluate_cli(args) -> int:
+    from gemmascope_jax.formats.io import check_replaceable
+
     def fail(msg) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
@@ -440,7 +452,11 @@ def run_evaluate_cli(args) -> int:
         tokens = token_batches(tok, source, args.tokens, args.seq_len, args.batch_size)
     except (ValueError, OSError) as e:
         return fail(str(e))
-    out = Path(args.out) if args.out else Path(args.dictionary) / "card"
+    out = Path(args.out) if args.out else Path(f"card-{Path(args.dictionary).resolve().name}")
+    try:
+        check_replaceable(out, force=args.force, replace_ours=True)
+    except (FileExistsError, OSError) as e:
+        return fail(str(e))
     card = write_card(
         dictionary,
         model,
@@ -449,6 +465,7 @@ def run_evaluate_cli(args) -> int:
         tokenizer=tok,
         absorption=not args.no_absorption,
         data_description=what,
+        force=args.force,
     )
     core = card["saebench_core"]
     print(
