@@ -436,6 +436,11 @@ def run_evaluate_cli(args) -> int:
 
     if args.tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
         return fail("--tokens, --batch-size must be >= 1 and --seq-len >= 2")
+    out = Path(args.out) if args.out else Path(f"card-{Path(args.dictionary).resolve().name}")
+    try:  # before loading anything: write_card checks again before it writes
+        check_replaceable(out, force=args.force, replace_ours=True)
+    except (FileExistsError, OSError) as e:
+        return fail(str(e))
     try:
         dictionary = load_any_dictionary(args.dictionary)
     except (ValueError, OSError) as e:
@@ -451,11 +456,6 @@ def run_evaluate_cli(args) -> int:
         source, what = _source(args, model, tok)
         tokens = token_batches(tok, source, args.tokens, args.seq_len, args.batch_size)
     except (ValueError, OSError) as e:
-        return fail(str(e))
-    out = Path(args.out) if args.out else Path(f"card-{Path(args.dictionary).resolve().name}")
-    try:
-        check_replaceable(out, force=args.force, replace_ours=True)
-    except (FileExistsError, OSError) as e:
         return fail(str(e))
     card = write_card(
         dictionary,
