@@ -34,10 +34,12 @@ Bandwidth counts the bytes an implementation must move: sparse = gathered decode
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,28 +89,41 @@ def _ready(x):
 
 
 def make_problem(n_layers, width, d_model, k, n_tokens, dtype, device, seed=0):
-    """Random blocks, sparse codes (distinct indices per row), their dense form, a cotangent."""
-    rng = np.random.default_rng(seed)
-    put = lambda a: jax.device_put(jnp.asarray(a, dtype), device)
-    blocks = tuple(
-        put(rng.standard_normal((width, n_layers - layer, d_model), np.float32) / 30)
-        for layer in range(n_layers)
-    )
-    # Distinct per row: a random start plus K fixed distinct offsets, mod F.
-    offsets = rng.choice(width, k, replace=False)
-    start = rng.integers(0, width, (n_tokens, n_layers, 1))
-    indices = ((start + offsets) % width).astype(np.int32)
-    values = rng.random((n_tokens, n_layers, k), np.float32)
-    dense = np.zeros((n_tokens, n_layers, width), np.float32)
-    np.put_along_axis(dense, indices, values, axis=-1)
-    cot = rng.standard_normal((n_tokens, n_layers, d_model), np.float32)
-    return {
-        "blocks": blocks,
-        "values": put(values),
-        "indices": jax.device_put(jnp.asarray(indices), device),
-        "dense": put(dense),
-        "cot": put(cot),
-    }
+    """Random blocks, sparse codes (distinct indices per row), their dense form, a cotangent.
+
+    Drawn with `jax.random` on `device`: host numpy would spend minutes drawing the 4e9
+    decoder weights of the L = 26 accelerator shape.
+    """
+    with jax.default_device(device):
+        keys = jax.random.split(jax.random.PRNGKey(seed), n_layers + 4)
+        blocks = tuple(
+            (
+                jax.random.normal(keys[layer], (width, n_layers - layer, d_model), jnp.float32) / 30
+            ).astype(dtype)
+            for layer in range(n_layers)
+        )
+        # Distinct per row: a random start plus K fixed distinct offsets, mod F.
+        offsets = jax.random.choice(keys[-1], width, (k,), replace=False)
+        start = jax.random.randint(keys[-2], (n_tokens, n_layers, 1), 0, width)
+        indices = ((start + offsets) % width).astype(jnp.int32)
+        values = jax.random.uniform(keys[-3], (n_tokens, n_layers, k), jnp.float32)
+        token = jnp.arange(n_tokens)[:, None, None]
+        layer = jnp.arange(n_layers)[None, :, None]
+        dense = (
+            jnp.zeros((n_tokens, n_layers, width), dtype)
+            .at[token, layer, indices]
+            .set(values.astype(dtype))
+        )
+        cot = jax.random.normal(keys[-4], (n_tokens, n_layers, d_model), jnp.float32)
+        return _ready(
+            {
+                "blocks": blocks,
+                "values": values.astype(dtype),
+                "indices": indices,
+                "dense": dense,
+                "cot": cot.astype(dtype),
+            }
+        )
 
 
 def bytes_moved(n_layers, width, d_model, k, n_tokens, itemsize):
@@ -140,31 +155,46 @@ def jax_fns(p, impls):
     return fns
 
 
-def torch_fns(p, threads):
-    """PyTorch `embedding_bag` over one [L·F, L·D] table (blocks padded to full rows)."""
+def torch_fns(p, threads, cuda=False):
+    """PyTorch `embedding_bag` over one [L·F, L·D] table (blocks padded to full rows).
+
+    On CPU the arrays go through numpy; with `cuda` they stay on the GPU (DLPack) and each
+    call ends with `torch.cuda.synchronize()`.
+    """
     import torch
     import torch.nn.functional as tf
 
-    torch.set_num_threads(threads)
-    blocks = [np.asarray(b) for b in p["blocks"]]
+    if cuda:
+        convert = torch.from_dlpack
+        sync = torch.cuda.synchronize
+    else:
+        torch.set_num_threads(threads)
+        convert = lambda a: torch.from_numpy(np.array(a))
+        sync = lambda: None
+    blocks = [convert(b) for b in p["blocks"]]
     n_layers, width = len(blocks), blocks[0].shape[0]
-    full = [np.pad(b, ((0, 0), (layer, 0), (0, 0))) for layer, b in enumerate(blocks)]
-    table = torch.from_numpy(np.concatenate([b.reshape(width, -1) for b in full]))
-    offsets = (np.arange(n_layers) * width)[None, :, None]
-    ids = torch.from_numpy((np.asarray(p["indices"]) + offsets).reshape(len(p["values"]), -1))
-    weights = torch.from_numpy(np.asarray(p["values"]).reshape(len(p["values"]), -1).copy())
-    cot = torch.from_numpy(np.asarray(p["cot"]).reshape(len(p["values"]), -1))
+    n_tokens = p["values"].shape[0]
+    full = [tf.pad(b, (0, 0, layer, 0)) for layer, b in enumerate(blocks)]
+    table = torch.cat([b.reshape(width, -1) for b in full])
+    del blocks, full
+    offsets = (torch.arange(n_layers, device=table.device) * width)[None, :, None]
+    ids = (convert(p["indices"]).long() + offsets).reshape(n_tokens, -1)
+    weights = convert(p["values"]).reshape(n_tokens, -1).clone()
+    cot = convert(p["cot"]).reshape(n_tokens, -1)
     table_g = table.clone().requires_grad_(True)
     weights_g = weights.clone().requires_grad_(True)
 
     def fwd():
         with torch.no_grad():
-            return tf.embedding_bag(ids.long(), table, mode="sum", per_sample_weights=weights)
+            out = tf.embedding_bag(ids, table, mode="sum", per_sample_weights=weights)
+        sync()
+        return out
 
     def fwd_bwd():
         table_g.grad, weights_g.grad = None, None
-        out = tf.embedding_bag(ids.long(), table_g, mode="sum", per_sample_weights=weights_g)
+        out = tf.embedding_bag(ids, table_g, mode="sum", per_sample_weights=weights_g)
         out.backward(cot)
+        sync()
 
     return fwd, fwd_bwd
 
@@ -172,7 +202,10 @@ def torch_fns(p, threads):
 # ---- sections ---------------------------------------------------------------------------------
 
 
-def run_table(title, layers, width, d_model, k, n_tokens, dtype, device, impls, rounds, threads):
+def run_table(
+    title, layers, width, d_model, k, n_tokens, dtype, device, impls, rounds, threads, peer
+):
+    """One table over depths L; `peer` is "cpu", "cuda" (torch `embedding_bag` there) or None."""
     print(f"\n### {title}\n")
     print(f"F = {width} per layer, d = {d_model}, K = {k}, {n_tokens} tokens, {dtype.__name__}\n")
     print("| L | impl | fwd ms | fwd GB/s | fwd+bwd ms | dense/impl fwd | dense/impl fwd+bwd |")
@@ -182,28 +215,48 @@ def run_table(title, layers, width, d_model, k, n_tokens, dtype, device, impls, 
     for n_layers in layers:
         p = make_problem(n_layers, width, d_model, k, n_tokens, dtype, device)
         fns = jax_fns(p, impls)
-        if threads:
-            fns["torch_embedding_bag"] = torch_fns(p, threads)
+        if peer:
+            try:
+                fns["torch_embedding_bag"] = torch_fns(p, threads, cuda=peer == "cuda")
+            except Exception as err:  # the peer is optional: report why it is missing
+                print(f"(torch embedding_bag unavailable at L = {n_layers}: {err!r})")
+        for name in list(fns):  # compile and warm up; a failure drops that impl, not the run
+            try:
+                fns[name][0]()
+                fns[name][1]()
+            except Exception as err:
+                print(f"({name} failed at L = {n_layers}: {type(err).__name__}: {str(err)[:400]})")
+                del fns[name]
         fwd = time_alternating({n: f[0] for n, f in fns.items()}, rounds)
         both = time_alternating({n: f[1] for n, f in fns.items()}, max(rounds // 2, 2))
+        fwd, both = defaultdict(lambda: math.nan, fwd), defaultdict(lambda: math.nan, both)
         moved = bytes_moved(n_layers, width, d_model, k, n_tokens, itemsize)
         for name in fns:
             kind = "dense" if name == "dense" else "sparse"
             print(
-                f"| {n_layers} | {name} | {fwd[name] * 1e3:.1f} | "
-                f"{moved[kind] / fwd[name] / 1e9:.1f} | {both[name] * 1e3:.1f} | "
+                f"| {n_layers} | {name} | {fwd[name] * 1e3:.2f} | "
+                f"{moved[kind] / fwd[name] / 1e9:.1f} | {both[name] * 1e3:.2f} | "
                 f"{fwd['dense'] / fwd[name]:.2f}x | {both['dense'] / both[name]:.2f}x |"
             )
         results[n_layers] = (fwd, both)
         del p, fns
     print()
-    for n_layers, (fwd, _) in results.items():
+    for n_layers, (fwd, both) in results.items():
         speedup = fwd["dense"] / fwd["xla"]
         line = f"- L = {n_layers}: xla sparse forward {speedup:.1f}x faster than dense"
+        for impl in [name for name in fwd if name.startswith("pallas")]:
+            line += (
+                f"; {impl} {fwd['xla'] / fwd[impl]:.2f}x as fast as xla forward, "
+                f"{both['xla'] / both[impl]:.2f}x fwd+bwd"
+            )
         if "torch_embedding_bag" in fwd:
-            vs_torch = fwd["torch_embedding_bag"] / fwd["xla"]
-            line += f", {vs_torch:.2f}x as fast as torch embedding_bag"
-        print(line + " (targets: >= 5x, >= 1x)" if threads else line)
+            for impl in [name for name in fwd if name == "xla" or name.startswith("pallas")]:
+                line += (
+                    f"; {impl} {fwd['torch_embedding_bag'] / fwd[impl]:.2f}x as fast as torch "
+                    f"embedding_bag forward, {both['torch_embedding_bag'] / both[impl]:.2f}x "
+                    "fwd+bwd"
+                )
+        print(line + " (targets: >= 5x, >= 1x)" if peer == "cpu" else line, flush=True)
     return results
 
 
@@ -233,21 +286,23 @@ def clt_step_fn(n_layers, width, d_model, k, n_tokens):
     return one
 
 
-def scaling(width, d_model, k, n_tokens, step_shapes, rounds, device):
+def scaling(width, d_model, k, n_tokens, step_shapes, rounds, device, impls=("xla",)):
     """L = 13 vs 26, the two depths timed in alternation so machine load hits both alike."""
-    print("\n### Scaling L = 13 -> 26 (fixed K and F)\n")
-    fns = {}
-    for n_layers in (13, 26):
-        p = make_problem(n_layers, width, d_model, k, n_tokens, jnp.float32, device)
-        fns[n_layers] = jax_fns(p, ["xla"])["xla"][0]
-    times = time_alternating(fns, rounds)
-    ratio = times[26] / times[13]
-    print(
-        f"- sparse decode (xla, F = {width}, d = {d_model}, K = {k}, {n_tokens} tokens): "
-        f"{times[13] * 1e3:.1f} ms -> {times[26] * 1e3:.1f} ms, **{ratio:.2f}x** "
-        f"(target <= 4.4x; FLOPs grow 3.86x)"
-    )
-    del fns
+    print(f"\n### Scaling L = 13 -> 26 (fixed K and F), {device.platform}\n")
+    for impl in impls:
+        fns = {}
+        for n_layers in (13, 26):
+            p = make_problem(n_layers, width, d_model, k, n_tokens, jnp.float32, device)
+            fns[n_layers] = jax_fns(p, [impl])[impl][0]
+        times = time_alternating(fns, rounds)
+        ratio = times[26] / times[13]
+        print(
+            f"- sparse decode ({impl}, F = {width}, d = {d_model}, K = {k}, {n_tokens} tokens, "
+            f"float32): {times[13] * 1e3:.2f} ms -> {times[26] * 1e3:.2f} ms, **{ratio:.2f}x** "
+            f"(target <= 4.4x; FLOPs grow 3.86x)",
+            flush=True,
+        )
+        del fns, p
     for s_width, s_d, s_k, s_tokens in step_shapes:
         with jax.default_device(device):
             steps = time_alternating(
@@ -258,7 +313,8 @@ def scaling(width, d_model, k, n_tokens, step_shapes, rounds, device):
         print(
             f"- TopK CLT train step (F = {s_width}, d = {s_d}, K = {s_k}, {s_tokens} tokens; "
             f"encoder:decoder FLOPs {balance:.0f}:1 at L = 13): {steps[13] * 1e3:.1f} ms -> "
-            f"{steps[26] * 1e3:.1f} ms, **{ratio:.2f}x** (target <= 2.3x)",
+            f"{steps[26] * 1e3:.1f} ms, **{ratio:.2f}x** (target <= 2.3x; "
+            f"{s_tokens / steps[13]:,.0f} -> {s_tokens / steps[26]:,.0f} tokens/s)",
             flush=True,
         )
         del steps
@@ -272,6 +328,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--only-scaling", action="store_true", help="just the L=13 -> 26 part")
+    parser.add_argument(
+        "--skip-cpu", action="store_true", help="accelerator host: skip the CPU table and scaling"
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
     backend = jax.default_backend()
@@ -299,6 +358,7 @@ def main(argv=None):
             ["xla", PALLAS_FOR_BACKEND[backend]],
             rounds,
             0,
+            "cuda" if backend == "gpu" else None,
         )
     else:
         print(
@@ -308,8 +368,19 @@ def main(argv=None):
 
     layers = (6,) if args.quick else (6, 12, 18)
     tokens = 256 if args.quick else 1024
+    if backend in PALLAS_FOR_BACKEND and not args.skip_scaling:
+        # The issue's full shape on the accelerator: F = 10080, K = 64, 4096 tokens; d = 1152
+        # for the decode, 640 for the train step (Adam state of the L = 26 decoder: 36 GB).
+        acc = jax.devices()[0]
+        shape = (2048, 640, 32, 512) if args.quick else (10080, 1152, 64, 4096)
+        steps = [(2048, 640, 32, 512)] if args.quick else [(10080, 640, 64, 4096)]
+        scaling(*shape, steps, rounds, acc, impls=("xla", PALLAS_FOR_BACKEND[backend]))
+    if args.skip_cpu:
+        return
     if not args.only_scaling:
-        run_table("CPU", layers, 2048, 640, 32, tokens, jnp.float32, cpu, ["xla"], rounds, threads)
+        run_table(
+            "CPU", layers, 2048, 640, 32, tokens, jnp.float32, cpu, ["xla"], rounds, threads, "cpu"
+        )
     if not args.skip_scaling:
         if args.quick:
             scaling(512, 64, 8, 256, [(512, 32, 4, 256)], rounds, cpu)

@@ -1,4 +1,4 @@
-"""Train-step throughput of our JumpReLU / TopK SAE training (JAX) vs SAELens (PyTorch), CPU.
+"""Train-step throughput of our JumpReLU / TopK SAE training (JAX) vs SAELens (PyTorch).
 
 Same run, same shapes (d_in 640, width 16384, batch 4096 tokens, float32), same random batch,
 torch threads = os.cpu_count() (XLA uses all cores). One step is a full optimizer step:
@@ -22,6 +22,11 @@ f @ W_dec, backward dW_dec = f^T dy, df = dy W_dec^T, dW_enc = x^T dpre (no dx: 
 The common "6 * tokens * params" rule would give 12TDF; elementwise work is not counted.
 
     python scripts/bench_train.py [--pairs 7 --warmup 3 --batch 4096 --width 16384]
+
+On a GPU host, `--device cuda` puts SAELens (and its batch) on the GPU and ends each of its
+steps with `torch.cuda.synchronize()`; ours runs on jax's default backend. float32 matmuls
+are then exact float32 on both sides (`jax_default_matmul_precision="highest"`, torch's
+`allow_tf32=False`, its default), or TF32 on both with `--tf32`.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def make_ours(arch: str, d: int, width: int, x: np.ndarray):
     return run
 
 
-def make_saelens(arch: str, d: int, width: int, x: np.ndarray):
+def make_saelens(arch: str, d: int, width: int, x: np.ndarray, device: str = "cpu"):
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -104,11 +109,13 @@ def make_saelens(arch: str, d: int, width: int, x: np.ndarray):
     else:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=L0))
         coeffs = {}
+    sae.to(device)
     sae.train()
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=(0.0, 0.999))
-    sae_in = torch.from_numpy(x)
-    dead = torch.zeros(width, dtype=torch.bool)
-    fired_since = torch.zeros(width)
+    sae_in = torch.from_numpy(x).to(device)
+    dead = torch.zeros(width, dtype=torch.bool, device=device)
+    fired_since = torch.zeros(width, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     box = {"n": 0}
 
     def run():
@@ -132,6 +139,7 @@ def make_saelens(arch: str, d: int, width: int, x: np.ndarray):
         opt.step()
         opt.zero_grad()
         box["n"] += 1
+        sync()
 
     return run
 
@@ -154,20 +162,27 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--archs", default="jumprelu,topk")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="SAELens' device")
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls on both sides (GPU)")
     args = ap.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "highest")
     t, d, f = args.batch, args.d, args.width
+    torch_device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-        f"threads {threads}; T={t} D={d} F={f} float32"
+        f"jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].device_kind}), "
+        f"torch {torch.__version__} ({torch_device}), threads {threads}; T={t} D={d} F={f} "
+        f"float32, {'TF32' if args.tf32 else 'full float32'} matmuls"
     )
     prefault(2.0)
     x = np.random.default_rng(0).standard_normal((t, d), dtype=np.float32)
 
     rows, flops_rows = [], []
     for arch in args.archs.split(","):
-        ours, theirs = make_ours(arch, d, f, x), make_saelens(arch, d, f, x)
+        ours, theirs = make_ours(arch, d, f, x), make_saelens(arch, d, f, x, args.device)
         compile_s = timed(ours)
         for _ in range(args.warmup):
             ours()
@@ -201,7 +216,10 @@ def main() -> None:
     )
 
     peak = matmul_peak(t, d, f, reps=max(5, args.pairs))
-    print(f"\nmeasured float32 matmul peak ([{t},{d}]x[{d},{f}] jnp): {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"\nmeasured float32 matmul peak ([{t},{d}]x[{d},{f}] jnp, "
+        f"{'TF32' if args.tf32 else 'full float32'}): {peak / 1e9:.1f} GFLOP/s"
+    )
     print(
         f"dense FLOPs/step = 10*T*D*F = {10 * t * d * f / 1e9:.1f} GFLOP (5 matmuls of 2TDF: "
         "fwd x@W_enc, f@W_dec; bwd dW_dec, df, dW_enc)"
