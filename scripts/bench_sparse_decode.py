@@ -220,15 +220,23 @@ def run_table(
                 fns["torch_embedding_bag"] = torch_fns(p, threads, cuda=peer == "cuda")
             except Exception as err:  # the peer is optional: report why it is missing
                 print(f"(torch embedding_bag unavailable at L = {n_layers}: {err!r})")
-        for name in list(fns):  # compile and warm up; a failure drops that impl, not the run
-            try:
-                fns[name][0]()
-                fns[name][1]()
-            except Exception as err:
-                print(f"({name} failed at L = {n_layers}: {type(err).__name__}: {str(err)[:400]})")
+        for name in list(fns):  # compile and warm up; a failure drops that part, not the run
+            for part, label in ((0, "forward"), (1, "forward+backward")):
+                try:
+                    fns[name][part]()
+                except Exception as err:
+                    print(
+                        f"({name} {label} failed at L = {n_layers}: {type(err).__name__}: "
+                        f"{str(err)[:300]})"
+                    )
+                    fns[name] = (None, None) if part == 0 else (fns[name][0], None)
+                    break
+            if fns[name][0] is None:
                 del fns[name]
         fwd = time_alternating({n: f[0] for n, f in fns.items()}, rounds)
-        both = time_alternating({n: f[1] for n, f in fns.items()}, max(rounds // 2, 2))
+        both = time_alternating(
+            {n: f[1] for n, f in fns.items() if f[1] is not None}, max(rounds // 2, 2)
+        )
         fwd, both = defaultdict(lambda: math.nan, fwd), defaultdict(lambda: math.nan, both)
         moved = bytes_moved(n_layers, width, d_model, k, n_tokens, itemsize)
         for name in fns:

@@ -269,7 +269,11 @@ def test_bad_inputs_raise():
 
 
 def test_impl_selection(monkeypatch):
-    assert resolve_impl() == "xla"  # the CPU default
+    native = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "xla")
+    assert resolve_impl() == native  # xla on CPU; this test also runs on a GPU
+    assert resolve_impl(platform="cpu") == "xla"
+    assert resolve_impl(platform="gpu") == "pallas_gpu"
+    assert resolve_impl(platform="tpu") == "pallas_tpu"
     monkeypatch.setenv(IMPL_ENV, "pallas_gpu")
     assert resolve_impl() == "pallas_gpu"
     with use_impl("pallas_tpu"):
