@@ -221,3 +221,100 @@ def test_train_resumes_from_the_previous_step_when_the_newest_is_corrupt(
     assert before.keys() == after.keys()
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+# ---- several processes: one vote per step, only process 0 moves files -------------------------
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _zero_array_data(root: Path, step: int) -> None:
+    for data in (root / str(step) / "state").rglob("*"):
+        if data.is_file() and "/d/" in str(data):
+            _damage(data, "zeros")
+
+
+def test_non_primary_process_leaves_the_files_and_picks_the_same_step(
+    pristine, tmp_path, monkeypatch, caplog
+):
+    """Process 0 and a process with `jax.process_index() == 1` see the same corrupt step 6:
+    both resume from step 4; only process 0 moves step 6 aside, the other touches nothing."""
+    primary, other = _copy(pristine, tmp_path / "p0"), _copy(pristine, tmp_path / "p1")
+    for root in (primary, other):
+        _zero_array_data(root, 6)
+    with Checkpointer(primary, keep=3, every_steps=2, handle_sigterm=False) as c:
+        assert c.restore(abstract_like(_state(0))).step == 4
+    assert list(primary.glob("6.corrupt-*")) and not (primary / "6").exists()
+
+    for extras in other.glob("*/extras"):  # what process 1 wrote beside process 0's JSON
+        shutil.copy(extras / "process_0-of-1.json", extras / "process_1-of-1.json")
+    before = _snapshot(other)
+    monkeypatch.setattr(jax, "process_index", lambda *a, **k: 1)
+    with (
+        caplog.at_level(logging.WARNING, "gemmascope_jax.training.checkpoint"),
+        Checkpointer(other, keep=3, every_steps=2, handle_sigterm=False) as c,
+    ):
+        restored = c.restore(abstract_like(_state(0)))
+    assert restored.step == 4 and _same(_state(4), restored.state)
+    assert "checkpoint step 6" in caplog.text and "resuming from checkpoint step 4" in caplog.text
+    assert sorted(p.name for p in other.iterdir()) == ["2", "4", "6"]  # nothing renamed
+    assert _snapshot(other) == before  # nor written
+
+
+class _Process1Of2:
+    """`jax` as the checkpoint module sees it on process 1 of 2 (everything else is jax's)."""
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+    @staticmethod
+    def process_index(*a, **k):
+        return 1
+
+    @staticmethod
+    def process_count(*a, **k):
+        return 2
+
+
+def test_processes_vote_so_all_resume_from_the_same_step(pristine, tmp_path, monkeypatch):
+    """Process 1 of 2 reads step 6 fine, but process 0 could not (its shards are damaged):
+    the vote sends process 1 back to step 4 as well, and it leaves the files to process 0.
+    The steps tried are process 0's list, in the same order on every process."""
+    import jax.experimental.multihost_utils as mhu
+
+    import gemmascope_jax.training.checkpoint as ck
+
+    root = _copy(pristine, tmp_path)
+    before = _snapshot(root)
+    votes, barriers = [], []
+
+    def allgather(x, tiled=False):  # process 0 failed on the first step tried (6)
+        votes.append(int(x))
+        return np.array([int(len(votes) > 1), int(x)], np.int32)
+
+    def broadcast(x, is_source=None):  # process 1 receives process 0's value
+        return x
+
+    monkeypatch.setattr(ck, "jax", _Process1Of2())
+    monkeypatch.setattr(mhu, "process_allgather", allgather)
+    monkeypatch.setattr(mhu, "broadcast_one_to_all", broadcast)
+    monkeypatch.setattr(mhu, "sync_global_devices", barriers.append)
+    with Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c:
+        restored = c.restore(abstract_like(_state(0)))
+        assert restored.step == 4 and _same(_state(4), restored.state)
+        assert votes == [1, 1]  # step 6 read fine here, step 4 too
+        assert "gemmascope_jax.checkpoint.quarantine" in barriers  # waited for process 0
+    assert _snapshot(root) == before  # process 1 renamed nothing
+
+    # Process 0 lists only steps 2 and 4 (step 6 not visible to it yet): process 1 never
+    # tries step 6 although it sees it, so both agree on step 4 without a failed vote.
+    votes.clear()
+    monkeypatch.setattr(mhu, "process_allgather", lambda x, tiled=False: np.array([1, int(x)]))
+    monkeypatch.setattr(
+        mhu, "broadcast_one_to_all", lambda x, is_source=None: x if np.ndim(x) else np.int32(2)
+    )
+    with Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c:
+        assert c.restore(abstract_like(_state(0))).step == 4
+    assert _snapshot(root) == before

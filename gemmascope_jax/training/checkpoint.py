@@ -29,7 +29,10 @@ each state array in the extras (an exact modular checksum of its bits, the same 
 and `restore` recomputes it. A newest step that fails to read or whose fingerprint differs
 (truncated, zeroed, bit-flipped or missing files) is skipped with a warning naming the step;
 once an older step restores, the bad ones are renamed to `<step>.corrupt-<time>` so the run
-can write that step again.
+can write that step again. With several processes every process tries process 0's list of
+steps in the same order, a step counts as good only when it restored on every process (one
+vote per step tried: a shard one host cannot read sends all of them back a step), and only
+process 0 renames the bad ones; every process thus resumes from the same step.
 Saves are synchronous by default (on CPU the copy is the cost anyway); `async_save=True`
 overlaps writing with training, and `close()`/`wait()` block until it is on disk.
 """
@@ -98,6 +101,29 @@ def state_fingerprint(state) -> dict[str, int]:
     names = [jax.tree_util.keystr(path) for path, _ in flat]
     values = _fingerprint_leaves([leaf for _, leaf in flat])
     return {n: int(v) for n, v in zip(names, values, strict=True)}
+
+
+def _on_every_process(ok: bool) -> bool:
+    """Whether `ok` holds on every process (one small collective when there are several:
+    call it at the same point on every process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _process_0_steps(steps: list[int]) -> list[int]:
+    """Process 0's list of steps on every process (two small broadcasts when there are
+    several), so all of them try the same steps in the same order."""
+    if jax.process_count() == 1:
+        return list(steps)
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    mine = np.zeros(n, np.int64)
+    mine[: min(n, len(steps))] = steps[:n]
+    return [int(x) for x in multihost_utils.broadcast_one_to_all(mine)]
 
 
 class Restored(NamedTuple):
@@ -267,14 +293,19 @@ class Checkpointer:
     def restore(self, abstract_state=None, step: int | None = None) -> Restored | None:
         """(state, extras, step) of checkpoint `step` (default: the newest readable one), the
         arrays placed with the shardings of `abstract_state`; None when there is none."""
-        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        steps = [step] if step is not None else _process_0_steps(self.all_steps())[::-1]
         first_error, bad = None, []
         for s in steps:
             try:
-                restored = self._restore(abstract_state, s)
+                restored, error = self._restore(abstract_state, s), None
             except Exception as e:  # noqa: BLE001 - a damaged step: try the one before
-                if step is not None:
-                    raise
+                restored, error = None, e
+            if step is None and not _on_every_process(error is None):
+                # Every process votes, so all of them skip the same steps and stop at the
+                # same one, even when only one host's shards of this step are damaged.
+                e = error or CorruptCheckpointError(
+                    f"checkpoint step {s} in {self.directory} failed to restore on another process"
+                )
                 first_error = first_error or e
                 bad.append(s)
                 log.warning(
@@ -286,6 +317,8 @@ class Checkpointer:
                     str(e)[:500],
                 )
                 continue
+            if error is not None:
+                raise error
             if bad:
                 self._quarantine(bad)
                 log.warning(
