@@ -1,9 +1,18 @@
-"""`gemmascope-jax` command line: `demo`, `train`, `plan`, `convert`, `sites` (analysis verbs
-arrive with their issues)."""
+"""`gemmascope-jax` command line: one parser, one verb per subcommand.
+
+One convention for every verb (tests/test_cli_conventions.py): bad input -- a missing or
+malformed file, a bad config, an unknown site, a dictionary that does not fit the model --
+raises a `ValueError` or `OSError` (the project's own errors subclass `ValueError`), which
+`main` prints as one line, `gemmascope-jax VERB: error: MESSAGE` on stderr (argparse's own
+format for usage errors), and exits 2. A run that fails for another reason (a plan that does
+not fit, a missing optional package) exits 1 with the same prefix. `GEMMASCOPE_JAX_DEBUG=1`
+re-raises instead, for the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,15 +104,11 @@ def _plot_residual_norms(model, ids, pieces, out_dir: Path) -> None:
 def _train(args: argparse.Namespace) -> int:
     import logging
 
-    from gemmascope_jax.training.config import ConfigError, load_config
+    from gemmascope_jax.training.config import load_config
     from gemmascope_jax.training.trainer import run_training, summary_json
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"gemmascope-jax train: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     print(cfg.describe())
     result = run_training(cfg)
     if result.stopped_early:
@@ -123,19 +128,15 @@ def _plan(args: argparse.Namespace) -> int:
     """AOT-compile the run's step for a TPU topology; exit 0 fits, 1 does not, 2 bad input."""
     import json
 
-    from gemmascope_jax.training.config import ConfigError, load_config
-    from gemmascope_jax.training.plan import PlanError, make_plan
+    from gemmascope_jax.training.config import load_config
+    from gemmascope_jax.training.plan import make_plan
 
     fsdp = {"auto": None, "on": True, "off": False}[args.fsdp]
-    try:
-        cfg = load_config(args.config, args.overrides)
-        plan = make_plan(cfg, args.topology, fsdp=fsdp)
-    except (ConfigError, PlanError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, args.topology, fsdp=fsdp)
     print(plan.describe())
     if not plan.fits:
-        print(f"error: does not fit on {args.topology}: {plan.dominant()}", file=sys.stderr)
+        error_line("plan", f"does not fit on {args.topology}: {plan.dominant()}")
     if args.json:
         print(json.dumps(plan.to_json()))
     return 0 if plan.fits else 1
@@ -147,6 +148,22 @@ def _sites(args: argparse.Namespace) -> int:
 
     print(valid_forms(preset(args.preset).num_layers))
     return 0
+
+
+def error_line(verb: str, message: object) -> None:
+    """Print the one error line of the CLI convention (module docstring) to stderr."""
+    print(f"gemmascope-jax {verb}: error: {message}", file=sys.stderr)
+
+
+def run_verb(verb: str, func, args: argparse.Namespace) -> int:
+    """Run a verb's handler under the CLI convention: bad input exits 2, a missing package 1."""
+    try:
+        return func(args)
+    except (ValueError, OSError, ImportError) as e:
+        if os.environ.get("GEMMASCOPE_JAX_DEBUG"):
+            raise
+        error_line(verb, e)
+        return 1 if isinstance(e, ImportError) else 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]  # key=value after --topology
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    return run_verb(args.command, args.func, args)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from gemmascope_jax.analysis.attribution import (
 from gemmascope_jax.analysis.graph import partial_influence, prune_graph, write_graph_files
 from gemmascope_jax.analysis.replacement import _decoder_delta
 from gemmascope_jax.analysis.row_store import RowStore
+from gemmascope_jax.cli import run_verb
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.formats import FormatError
@@ -374,11 +375,11 @@ def test_cli_attribute(plt_built, tiny_model, tmp_path, monkeypatch, capsys):
     argv = ["attribute", prompt, "--transcoders", str(tmp_path / "tc"), "--out",
             str(tmp_path / "out"), "--slug", "cli", "--row-dtype", "float16"]  # fmt: skip
     args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert run_verb("attribute", args.func, args) == 0
     doc = json.loads((tmp_path / "out" / "cli.json").read_text())
     assert doc["metadata"]["prompt_tokens"][1] == f"t{TOKENS[1]}"
     assert sum(n["feature_type"] == "logit" for n in doc["nodes"]) == graph.n_logits
     assert (tmp_path / "out" / "cli.png").exists()
     args = parser.parse_args([*argv, "--row-memory-gb", "1e-9"])
-    assert args.func(args) == 2
+    assert run_verb("attribute", args.func, args) == 2
     assert "logit rows need" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from gemmascope_jax.analysis.refusal import (
     refusal_direction,
     refusal_rate,
 )
+from gemmascope_jax.cli import run_verb
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 
 D_TINY, LAYERS_TINY = 64, 7
@@ -346,7 +347,7 @@ def cli_main(argv):
     ):
         add(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_verb(args.command, args.func, args)
 
 
 def _files(out):
@@ -387,5 +388,5 @@ def test_cli_cot_from_response_file(cli_setup, tmp_path, capsys):
     assert _files(out) == ["cot.json", "cot_latents.png", "cot_tokens.png"]
     data = json.loads((out / "cot.json").read_text())
     assert data["spans"]["answer"]["text"].strip() == "Paris"
-    assert cli_main([*argv, "--response-file", str(response), "--marker", "Q:", "x"]) == 1
+    assert cli_main([*argv, "--response-file", str(response), "--marker", "Q:", "x"]) == 2
     assert "marker 'Q:' not found" in capsys.readouterr().err

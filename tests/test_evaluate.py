@@ -307,10 +307,10 @@ def test_cli_evaluate_bad_paths(full_vocab_dir, tmp_path, capsys):
     from gemmascope_jax.formats import save_dictionary
 
     assert main(["evaluate", str(tmp_path / "nope"), "--model", str(full_vocab_dir)]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    assert capsys.readouterr().err.startswith("gemmascope-jax evaluate: error: ")
     save_dictionary(random_dictionary(_cfg("sae"), seed=5), tmp_path / "sae")
     assert main(["evaluate", str(tmp_path / "sae"), "--model", str(tmp_path / "no_model")]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    assert capsys.readouterr().err.startswith("gemmascope-jax evaluate: error: ")
     wide = random_dictionary(_cfg("sae", d_in=32, d_out=32), seed=5)  # wrong model width
     save_dictionary(wide, tmp_path / "wide")
     assert main(["evaluate", str(tmp_path / "wide"), "--model", str(full_vocab_dir)]) == 2

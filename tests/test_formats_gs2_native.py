@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from gemmascope_jax.cli import run_verb
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.formats import (
     FORMATS,
@@ -482,7 +483,7 @@ def _convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gemmascope-jax")
     add_convert_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["convert", *argv])
-    return args.func(args)
+    return run_verb("convert", args.func, args)
 
 
 @pytest.mark.parametrize("case", list(BAD_SINGLE))
@@ -493,7 +494,7 @@ def test_bad_single_layer_input(tmp_path, case, capsys):
     with pytest.raises(FormatError, match=pattern):
         load_dictionary(folder)
     out = tmp_path / "converted"
-    assert _convert([str(folder), str(out), "--to", "native"]) == 1
+    assert _convert([str(folder), str(out), "--to", "native"]) == 2
     assert not out.exists() and "error" in capsys.readouterr().err
 
 
@@ -545,7 +546,7 @@ def test_bad_multi_layer_input(tmp_path, case):
     with pytest.raises(FormatError, match=pattern):
         load_dictionary(folder)
     out = tmp_path / "converted"
-    assert _convert([str(folder), str(out), "--to", "native"]) == 1
+    assert _convert([str(folder), str(out), "--to", "native"]) == 2
     assert not out.exists()
 
 
@@ -633,10 +634,10 @@ def test_convert_cli(tmp_path, capsys):
 
     assert _convert([str(out), str(tmp_path / "gs2"), "--to", "gs2", "--from", "native"]) == 0
     _same_files(src, tmp_path / "gs2")
-    assert _convert([str(src), str(out), "--to", "native"]) == 1  # exists
+    assert _convert([str(src), str(out), "--to", "native"]) == 2  # exists
     assert "force" in capsys.readouterr().err
     assert _convert([str(src), str(out), "--to", "native", "--force"]) == 0
-    assert _convert([str(src), str(src / "inside"), "--to", "native"]) == 1
+    assert _convert([str(src), str(src / "inside"), "--to", "native"]) == 2
     with pytest.raises(SystemExit):
         _convert([str(src), str(tmp_path / "x"), "--to", "onnx"])
     assert not (tmp_path / "x").exists()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from gemmascope_jax.cli import run_verb
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.formats import load_dictionary, save_dictionary
@@ -118,18 +119,18 @@ def _convert(argv):
     parser = argparse.ArgumentParser(prog="gemmascope-jax")
     add_convert_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["convert", *argv])
-    return args.func(args)
+    return run_verb("convert", args.func, args)
 
 
 def test_convert_refuses_an_existing_folder_without_force(tmp_path, capsys):
     src = save_dictionary(_sae(), tmp_path / "src")
     user = _user_folder(tmp_path / "user")
-    assert _convert([str(src), str(user), "--to", "saelens"]) == 1
+    assert _convert([str(src), str(user), "--to", "saelens"]) == 2
     assert "did not create it" in capsys.readouterr().err and _intact(user)
     assert _convert([str(src), str(user), "--to", "saelens", "--force"]) == 0
     assert load_dictionary(user).cfg.width == F
     # its own earlier output, too, is replaced only with --force (convert never guesses)
-    assert _convert([str(src), str(user), "--to", "native"]) == 1
+    assert _convert([str(src), str(user), "--to", "native"]) == 2
     with pytest.raises(FileExistsError, match="force"):
         save_dictionary(_sae(1), user, "native")
 
@@ -170,7 +171,7 @@ def test_dashboard_refuses_a_user_folder_before_scanning(tmp_path, capsys, monke
         raise AssertionError("loaded the model before checking --out")
 
     monkeypatch.setattr("gemmascope_jax.gemma3.loading.load_gemma3", fail)
-    assert dashboard._dashboard_cli(args) == 2
+    assert run_verb("dashboard", dashboard._dashboard_cli, args) == 2
     assert "did not create it" in capsys.readouterr().err and _intact(user)
 
 
@@ -276,5 +277,5 @@ def test_dashboard_without_matplotlib_says_what_to_install(tmp_path, capsys, mon
         importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
     )
     args = argparse.Namespace(out=str(tmp_path / "new"), force=False, model=None, dictionary="x")
-    assert dashboard._dashboard_cli(args) == 2
+    assert run_verb("dashboard", dashboard._dashboard_cli, args) == 2
     assert "pip install matplotlib" in capsys.readouterr().err

@@ -135,7 +135,7 @@ def test_plan_does_not_fit(tiny_recipe):
 @pytest.mark.parametrize("topology", ["v9x:2x2", "v5e:3x3", "v5e"])
 def test_plan_bad_topology(tiny_recipe, topology):
     rc, out, err = run_plan(str(tiny_recipe), "--topology", topology)
-    assert rc == 2 and err.startswith("error:") and not out
+    assert rc == 2 and err.startswith("gemmascope-jax plan: error:") and not out
 
 
 def test_plan_bad_config(tiny_recipe):

@@ -108,7 +108,7 @@ def test_cli_verb_writes_the_same_rollouts(
     assert loaded == [(str(it_dir),)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("[]\n")
-    assert main(["rollouts", str(bad), "--out", str(tmp_path / "x.jsonl")]) == 1
+    assert main(["rollouts", str(bad), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert f"{bad}:1" in capsys.readouterr().err
 
 

@@ -4,7 +4,6 @@ circuit-tracer graph files (JSON for the viewer / Neuronpedia) and a PNG."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from gemmascope_jax.analysis.attribution import attribute
@@ -65,34 +64,28 @@ def run_attribute(args: argparse.Namespace) -> int:
     from gemmascope_jax.formats.sets import load_transcoder_set
     from gemmascope_jax.gemma3.loading import load_gemma3
 
-    try:
-        transcoders = load_transcoder_set(args.transcoders)
-        model, tok = load_gemma3(args.model, progress=False)
-        tokens = tok.encode(args.prompt)
-        rep = ReplacementModel.build(model, transcoders, tokens)
-        scan = (
-            getattr(transcoders, "metadata", {}).get("scan")
-            if isinstance(transcoders, TranscoderSet)
-            else None
-        )
-        graph = attribute(
-            rep,
-            max_n_logits=args.max_n_logits,
-            desired_logit_prob=args.desired_logit_prob,
-            batch_size=args.batch_size,
-            max_feature_nodes=args.max_feature_nodes,
-            row_dtype=args.row_dtype,
-            row_memory_gb=args.row_memory_gb,
-            prompt=args.prompt,
-            tokenizer=tok,
-            scan=scan or Path(args.transcoders).name,
-        )
-        paths = write_graph_files(
-            graph, args.out, args.slug, args.node_threshold, args.edge_threshold
-        )
-    except (ValueError, OSError) as e:
-        print(f"gemmascope-jax attribute: error: {e}", file=sys.stderr)
-        return 2
+    transcoders = load_transcoder_set(args.transcoders)
+    model, tok = load_gemma3(args.model, progress=False)
+    tokens = tok.encode(args.prompt)
+    rep = ReplacementModel.build(model, transcoders, tokens)
+    scan = (
+        getattr(transcoders, "metadata", {}).get("scan")
+        if isinstance(transcoders, TranscoderSet)
+        else None
+    )
+    graph = attribute(
+        rep,
+        max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob,
+        batch_size=args.batch_size,
+        max_feature_nodes=args.max_feature_nodes,
+        row_dtype=args.row_dtype,
+        row_memory_gb=args.row_memory_gb,
+        prompt=args.prompt,
+        tokenizer=tok,
+        scan=scan or Path(args.transcoders).name,
+    )
+    paths = write_graph_files(graph, args.out, args.slug, args.node_threshold, args.edge_threshold)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,14 +59,10 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(verb: str, body: Callable[[argparse.Namespace], list[Path]]):
-    """Wrap a verb: load nothing itself; bad input -> one error line on stderr, exit 1."""
+    """Wrap a verb: print what it wrote (bad input raises; `gemmascope_jax.cli` reports it)."""
 
     def handler(args: argparse.Namespace) -> int:
-        try:
-            written = body(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"gemmascope-jax {verb}: error: {e}", file=sys.stderr)
-            return 1
+        written = body(args)
         for path in written:
             print(f"wrote {path}")
         return 0
@@ -75,7 +70,8 @@ def _run(verb: str, body: Callable[[argparse.Namespace], list[Path]]):
     return handler
 
 
-def _setup(args: argparse.Namespace):
+def _setup(args: argparse.Namespace, site: str | None = None):
+    """Load and check everything (and `site`, when given) before making the output folder."""
     from gemmascope_jax.analysis.features import checked_dictionary
     from gemmascope_jax.formats import load_dictionary
 
@@ -84,6 +80,8 @@ def _setup(args: argparse.Namespace):
     d = load_dictionary(args.dictionary)
     model, tok = _load_model(args.model)
     checked_dictionary(model, d)
+    if site is not None:
+        resolve_site(site, model.cfg.num_layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return model, tok, d, out
@@ -102,7 +100,7 @@ def refusal_site(d, num_layers: int) -> str:
 def _refusal(args: argparse.Namespace) -> list[Path]:
     from gemmascope_jax.analysis.refusal import refusal_analysis
 
-    model, tok, d, out = _setup(args)
+    model, tok, d, out = _setup(args, site=args.site)
     site = args.site or refusal_site(d, model.cfg.num_layers)
     report = refusal_analysis(
         model,

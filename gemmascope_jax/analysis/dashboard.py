@@ -26,7 +26,6 @@ import argparse
 import html
 import json
 import string
-import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -314,42 +313,36 @@ def _dashboard_cli(args: argparse.Namespace) -> int:
     from gemmascope_jax.gemma3.loading import load_gemma3
 
     t0 = time.perf_counter()
-    try:
-        check_replaceable(args.out, force=args.force, replace_ours=True)  # before the scan
-        if importlib.util.find_spec("matplotlib") is None:
-            raise FileNotFoundError(
-                "the dashboard draws its histograms with matplotlib, which is not installed: "
-                "pip install matplotlib (or pip install 'gemmascope-jax[demo]')"
-            )
-        model, tok = load_gemma3(args.model, progress=False)
-        d = checked_dictionary(model, load_dictionary(args.dictionary))
-        latents = _parse_latents(args.latents)
-        batches = corpus_batches(
-            args.corpus,
-            tok,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
+    check_replaceable(args.out, force=args.force, replace_ours=True)  # before the scan
+    if importlib.util.find_spec("matplotlib") is None:
+        raise FileNotFoundError(
+            "the dashboard draws its histograms with matplotlib, which is not installed: "
+            "pip install matplotlib (or pip install 'gemmascope-jax[demo]')"
         )
-        total = (
-            None
-            if args.max_tokens is None
-            else -(-args.max_tokens // (args.seq_len * args.batch_size))
-        )
-        ex = scan_corpus(
-            model,
-            d,
-            batches,
-            top_n=args.top_n,
-            left=args.left,
-            right=args.right,
-            tokenizer=tok,
-            total_batches=total,
-        )
-        index = build_dashboard(model, tok, d, ex, args.out, latents=latents, force=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"gemmascope-jax dashboard: {e}", file=sys.stderr)
-        return 2
+    model, tok = load_gemma3(args.model, progress=False)
+    d = checked_dictionary(model, load_dictionary(args.dictionary))
+    latents = _parse_latents(args.latents)
+    batches = corpus_batches(
+        args.corpus,
+        tok,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+    )
+    total = (
+        None if args.max_tokens is None else -(-args.max_tokens // (args.seq_len * args.batch_size))
+    )
+    ex = scan_corpus(
+        model,
+        d,
+        batches,
+        top_n=args.top_n,
+        left=args.left,
+        right=args.right,
+        tokenizer=tok,
+        total_batches=total,
+    )
+    index = build_dashboard(model, tok, d, ex, args.out, latents=latents, force=args.force)
     print(f"scanned {ex.n_tokens} tokens in {time.perf_counter() - t0:.1f}s")
     print(f"dashboard: {index.resolve()}")
     return 0

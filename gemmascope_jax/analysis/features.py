@@ -455,36 +455,31 @@ def _print_report(rep: FeatureReport, top_ranked: int = 20) -> None:
 
 
 def _inspect_cli(args) -> int:
-    import sys
     from pathlib import Path
 
     from gemmascope_jax.formats import load_dictionary
     from gemmascope_jax.gemma3.loading import load_gemma3
 
-    try:
-        model, tok = load_gemma3(args.model, progress=False)
-        d = checked_dictionary(model, load_dictionary(args.dictionary))
-        if args.latent is not None:
-            lens = logit_lens(model, d, args.latent, layer=args.layer, k=args.k, tokenizer=tok)
-            print(f"logit lens of latent {args.latent} (layer {lens.layer}), {dictionary_label(d)}")
-            for title, toks, vals in (
-                ("promoted", lens.promoted_tokens, lens.promoted_values),
-                ("suppressed", lens.suppressed_tokens, lens.suppressed_values),
-            ):
-                print(
-                    f"  {title}: "
-                    + "  ".join(f"{t!r} {v:+.3f}" for t, v in zip(toks, vals, strict=True))
-                )
-            result: Any = lens
-        if args.text is not None:
-            prompt = json.loads(args.text) if args.chat else args.text
-            result = top_features(model, tok, d, prompt, k=args.k, splice=args.splice)
-            _print_report(result)
-        if args.latent is None and args.text is None:
-            raise ValueError("give a prompt text and/or --latent ID")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"gemmascope-jax inspect: {e}", file=sys.stderr)
-        return 2
+    model, tok = load_gemma3(args.model, progress=False)
+    d = checked_dictionary(model, load_dictionary(args.dictionary))
+    if args.latent is not None:
+        lens = logit_lens(model, d, args.latent, layer=args.layer, k=args.k, tokenizer=tok)
+        print(f"logit lens of latent {args.latent} (layer {lens.layer}), {dictionary_label(d)}")
+        for title, toks, vals in (
+            ("promoted", lens.promoted_tokens, lens.promoted_values),
+            ("suppressed", lens.suppressed_tokens, lens.suppressed_values),
+        ):
+            print(
+                f"  {title}: "
+                + "  ".join(f"{t!r} {v:+.3f}" for t, v in zip(toks, vals, strict=True))
+            )
+        result: Any = lens
+    if args.text is not None:
+        prompt = json.loads(args.text) if args.chat else args.text
+        result = top_features(model, tok, d, prompt, k=args.k, splice=args.splice)
+        _print_report(result)
+    if args.latent is None and args.text is None:
+        raise ValueError("give a prompt text and/or --latent ID")
     if args.json:
         Path(args.json).write_text(result.to_json() + "\n")
         print(f"wrote {args.json}")

@@ -339,31 +339,26 @@ def _one_dictionary(loaded, layer: int | None) -> Dictionary:
 
 def _steer_cli(args) -> int:
     import json
-    import sys
     from pathlib import Path
 
     from gemmascope_jax.formats import load_dictionary
     from gemmascope_jax.gemma3.loading import load_gemma3
 
-    try:
-        d = _one_dictionary(load_dictionary(args.dictionary), args.source_layer)
-        model, tok = load_gemma3(args.model, progress=False)
-        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-        result = steer(
-            model,
-            tok,
-            d,
-            prompt,
-            args.feature,
-            args.alpha,
-            mode=args.mode,
-            max_new_tokens=args.max_new_tokens,
-            source_layer=args.source_layer,
-            output_layer=args.output_layer,
-        )
-    except ValueError as e:
-        print(f"gemmascope-jax steer: {e}", file=sys.stderr)
-        return 2
+    d = _one_dictionary(load_dictionary(args.dictionary), args.source_layer)
+    model, tok = load_gemma3(args.model, progress=False)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    result = steer(
+        model,
+        tok,
+        d,
+        prompt,
+        args.feature,
+        args.alpha,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        source_layer=args.source_layer,
+        output_layer=args.output_layer,
+    )
     s = result.settings
     print(f"{s['dictionary']}  latents {s['latents']}  mode {s['mode']}  alpha {s['alpha']}")
     print(f"== baseline ==\n{result.baseline_text}")

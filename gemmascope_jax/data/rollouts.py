@@ -378,27 +378,21 @@ def add_rollouts_parser(subparsers):
 
 
 def run_rollouts_cli(args) -> int:
-    """Handler of `rollouts`: prints the output path and counts, errors to stderr."""
-    import sys
-
+    """Handler of `rollouts`: prints the output path and counts (errors: `gemmascope_jax.cli`)."""
     from gemmascope_jax.gemma3.loading import load_gemma3
 
-    try:
-        settings = RolloutSettings(
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            max_prompts=args.max_prompts,
-        )
-        prompts = load_prompts(args.prompts, field=args.field)
-        model, tok = load_gemma3(args.model, dtype=args.dtype)
-        model_id = f"{args.model or 'embedded'} ({args.dtype})"
-        out = generate_rollouts(model, tok, prompts, args.out, settings=settings, model_id=model_id)
-    except (SourceError, RolloutError, ValueError, FileNotFoundError) as e:
-        print(f"gemmascope-jax rollouts: error: {e}", file=sys.stderr)
-        return 1
+    settings = RolloutSettings(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_prompts=args.max_prompts,
+    )
+    prompts = load_prompts(args.prompts, field=args.field)
+    model, tok = load_gemma3(args.model, dtype=args.dtype)
+    model_id = f"{args.model or 'embedded'} ({args.dtype})"
+    out = generate_rollouts(model, tok, prompts, args.out, settings=settings, model_id=model_id)
     n = sum(1 for line in out.read_text(encoding="utf-8").splitlines() if line.strip())
     print(f"{n} rollouts -> {out}")
     return 0

@@ -23,7 +23,6 @@ default the packaged English prose of `data/heldout/`) and writes the card.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -428,35 +427,29 @@ def _source(args, model, tok):
 
 
 def run_evaluate_cli(args) -> int:
+    """Handler of `evaluate`; bad input raises (printed by `gemmascope_jax.cli`, exit 2)."""
     from gemmascope_jax.formats.io import check_replaceable
 
-    def fail(msg) -> int:
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-
     if args.tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
-        return fail("--tokens, --batch-size must be >= 1 and --seq-len >= 2")
+        raise EvaluateError("--tokens, --batch-size must be >= 1 and --seq-len >= 2")
     out = Path(args.out) if args.out else Path(f"card-{Path(args.dictionary).resolve().name}")
-    try:  # before loading anything: write_card checks again before it writes
-        check_replaceable(out, force=args.force, replace_ours=True)
-    except (FileExistsError, OSError) as e:
-        return fail(str(e))
+    # before loading anything: write_card checks again before it writes
+    check_replaceable(out, force=args.force, replace_ours=True)
     try:
         dictionary = load_any_dictionary(args.dictionary)
     except (ValueError, OSError) as e:
-        return fail(f"cannot load dictionary {args.dictionary}: {e}")
+        raise EvaluateError(f"cannot load dictionary {args.dictionary}: {e}") from e
     from gemmascope_jax.gemma3.loading import load_gemma3
 
     try:
         model, tok = load_gemma3(args.model, progress=False)
     except Exception as e:  # noqa: BLE001 - any failure to load is a bad --model
-        return fail(f"cannot load model {args.model or 'embedded'}: {type(e).__name__}: {e}")
-    try:
-        check_compatible(dictionary, model)
-        source, what = _source(args, model, tok)
-        tokens = token_batches(tok, source, args.tokens, args.seq_len, args.batch_size)
-    except (ValueError, OSError) as e:
-        return fail(str(e))
+        raise EvaluateError(
+            f"cannot load model {args.model or 'embedded'}: {type(e).__name__}: {e}"
+        ) from e
+    check_compatible(dictionary, model)
+    source, what = _source(args, model, tok)
+    tokens = token_batches(tok, source, args.tokens, args.seq_len, args.batch_size)
     card = write_card(
         dictionary,
         model,

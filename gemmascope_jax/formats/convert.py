@@ -12,7 +12,6 @@ The CLI registers it with `add_convert_parser(subparsers)`.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -62,19 +61,18 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    """Handler of `convert`; prints one summary line, errors to stderr."""
+    """Handler of `convert`; prints one summary line (errors: `gemmascope_jax.cli`)."""
     src, out = Path(args.input), Path(args.output)
     progress = not getattr(args, "no_progress", False)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise FormatError(f"{out}: the output must not be the input folder or inside it")
+    t0 = time.perf_counter()
+    source_format = args.from_format or detect_format(src)
     try:
-        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-            raise FormatError(f"{out}: the output must not be the input folder or inside it")
-        t0 = time.perf_counter()
-        source_format = args.from_format or detect_format(src)
         d = load_dictionary(src, source_format, progress=progress)
-        save_dictionary(d, out, args.to, force=args.force, progress=progress)
-    except (FormatError, FileExistsError, TypeError, ValueError) as e:
-        print(f"gemmascope-jax convert: error: {e}", file=sys.stderr)
-        return 1
+    except TypeError as e:  # a wrong-typed field that a reader did not catch: still bad input
+        raise FormatError(f"{src}: {e}") from e
+    save_dictionary(d, out, args.to, force=args.force, progress=progress)
     cfg = getattr(d, "cfg", None)
     what = (
         f"{cfg.kind} ({cfg.architecture}, {cfg.num_layers} layer(s) x {cfg.width} latents, "

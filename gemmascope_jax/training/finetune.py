@@ -54,7 +54,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -684,14 +683,10 @@ def finetune_summary(result: FinetuneResult) -> str:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from gemmascope_jax.training.config import ConfigError, load_config
+    from gemmascope_jax.training.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"gemmascope-jax finetune: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     ft = cfg.finetune
     print(
         f"finetune {cfg.run.name}: beta {ft.beta:g}, {ft.steps} steps, from "
