@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
 from gemmascope_jax.training.checkpoint import (
     FINGERPRINT_KEY,
@@ -318,3 +321,75 @@ def test_processes_vote_so_all_resume_from_the_same_step(pristine, tmp_path, mon
     with Checkpointer(root, keep=3, every_steps=2, handle_sigterm=False) as c:
         assert c.restore(abstract_like(_state(0))).step == 4
     assert _snapshot(root) == before
+
+
+# ---- SIGKILL, then the newest step corrupted, then the same command again ---------------------
+
+
+def _committed(ckpts: Path) -> list[int]:
+    if not ckpts.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in ckpts.iterdir()
+        if p.name.isdigit() and (p / "commit_success.txt").exists()
+    )
+
+
+def test_sigkill_then_corrupt_newest_step_then_resume_equals_uninterrupted_run(
+    tiny_dir,  # noqa: F811 - the fixture imported above
+    tmp_path,
+    request,
+):
+    """`train` in a subprocess is SIGKILLed once two checkpoints are committed; the newest
+    step's array data files are then truncated and garbled. The same command again resumes
+    from the step before it (a warning names the bad step, which is moved aside), finishes,
+    and exports exactly the numbers of an uninterrupted run."""
+    from tests.test_trainer import _params, _run_cli, write_config
+
+    configs = {}
+    for name in ("straight", "killed"):
+        path = write_config(tmp_path / name, tiny_dir, steps=12)
+        raw = yaml.safe_load(path.read_text())
+        raw["dictionaries"] = raw["dictionaries"][:1]  # the sae: one dictionary is enough
+        raw["export"]["formats"] = ["native"]
+        path.write_text(yaml.safe_dump(raw))
+        configs[name] = path
+
+    straight = _run_cli(configs["straight"])  # alongside the killed and resumed runs
+    request.addfinalizer(lambda: straight.poll() is None and straight.kill())
+    run = tmp_path / "killed" / "run"
+    ckpts = run / "checkpoints"
+    proc = _run_cli(configs["killed"])
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and len(_committed(ckpts)) < 2:
+        time.sleep(0.02)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert not (run / "export").exists()
+
+    steps = _committed(ckpts)
+    assert len(steps) >= 2 and steps[-1] < 12, steps
+    bad, good = steps[-1], steps[-2]
+    data = sorted(
+        p for p in (ckpts / str(bad) / "state").rglob("*") if p.is_file() and "/d/" in str(p)
+    )
+    assert data, sorted((ckpts / str(bad)).rglob("*"))
+    for i, p in enumerate(data):
+        _damage(p, "truncate" if i % 2 == 0 else "flip")
+
+    resumed = _run_cli(configs["killed"])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"checkpoint step {bad} in " in out and "corrupt" in out, out[-3000:]
+    assert f"resuming from checkpoint step {good}" in out, out[-3000:]
+    assert list(ckpts.glob(f"{bad}.corrupt-*")), sorted(p.name for p in ckpts.iterdir())
+    assert _committed(ckpts)[-1] == 12
+    out = straight.communicate(timeout=600)[0]
+    assert straight.returncode == 0, out[-3000:]
+    a, b = _params(tmp_path / "straight" / "run", "sae"), _params(run, "sae")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
