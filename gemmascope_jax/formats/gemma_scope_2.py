@@ -1,4 +1,4 @@
-"""Gemma Scope 2 folders (REFERENCE §3): import and export.
+"""Gemma Scope 2 folders (docs/formats.md): import and export.
 
 Single-layer folder (SAE, transcoder, `_affine` skip-transcoder):
 
@@ -19,7 +19,7 @@ optionally affine_skip_connection [D, D] (layer i -> layer i), plus a `config.js
 
     y[lo] = sum_{li <= lo} f[li] @ w_dec_file_li[:, lo, :] + b_dec_file_lo (+ x[lo] @ A_lo)
 
-Decisions where the released files are not documented (REFERENCE §3.5, §3.6, §8):
+Decisions where the released files are not documented (also in docs/formats.md):
 
 - Upstream decoder blocks (`w_dec[:, :i, :]` of file i). A multi-layer dictionary is causal by
   definition (source layer l writes layers >= l), which is how every loader uses it

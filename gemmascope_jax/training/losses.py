@@ -1,4 +1,4 @@
-"""Training losses of every dictionary kind and architecture (REFERENCE §5.1, §5.4, §5.5).
+"""Training losses of every dictionary kind and architecture (docs/recipe.md).
 
 Shapes: N tokens; x [N, d_in], y [N, d_out] (single-layer) or x [N, L, d_in], y [N, L, d_out]
 (CLT, crosscoder); codes [N, F] or [N, L, F]. `‖·‖²` sums over every axis but the token
@@ -20,7 +20,7 @@ gets the L0 gradient:
     freq      = c_freq · Σ_i relu(p_i - p_max)²,  p_i = mean_n H(pre_ni - θ_i)  (optional)
     loss      = recon + sparsity + freq
 
-The quadratic L0 penalty is TR eq. 5 as written in REFERENCE §5.1 (`λ·(2/L0*)·(‖f‖₀-L0*)²`);
+The quadratic L0 penalty is TR eq. 5 (docs/recipe.md: `λ·(2/L0*)·(‖f‖₀-L0*)²`);
 whether GS2 squares the per-token or the batch-mean L0 is not stated, and the batch form
 is the default because it pulls the *average* L0 to the target without also forcing every
 token to the same L0. λ(t) warms up linearly from 0 (`sparsity_warmup_steps`); L0*(t) may
