@@ -279,3 +279,31 @@ def test_dashboard_without_matplotlib_says_what_to_install(tmp_path, capsys, mon
     args = argparse.Namespace(out=str(tmp_path / "new"), force=False, model=None, dictionary="x")
     assert run_verb("dashboard", dashboard._dashboard_cli, args) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_save_gemma3_refuses_a_user_folder_without_force(tiny_model, tmp_path):
+    """A model saved over a folder gemmascope-jax did not create: refused, naming the folder,
+    nothing touched and no temporary folder left; its own earlier save is replaced; a user
+    folder only with `force=True` (or the old name, `overwrite=True`)."""
+    from gemmascope_jax.gemma3.loading import load_gemma3, save_gemma3
+
+    user = _user_folder(tmp_path / "model")
+    with pytest.raises(FileExistsError, match=r"did not create it.*--force") as err:
+        save_gemma3(tiny_model, user)
+    assert str(user) in str(err.value) and _intact(user)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    out = save_gemma3(tiny_model, tmp_path / "saved")
+    assert created_by_us(out)
+    (out / "model.safetensors").write_bytes(b"stale")
+    assert save_gemma3(tiny_model, out) == out  # a re-save replaces its own folder
+    with pytest.raises(FileExistsError, match="force"):
+        save_gemma3(tiny_model, out, replace_ours=False)
+    loaded, _ = load_gemma3(out, tokenizer=False, progress=False)
+    assert loaded.cfg.num_layers == tiny_model.cfg.num_layers
+
+    assert save_gemma3(tiny_model, user, force=True) == user
+    assert not (user / "thesis.tex").exists() and created_by_us(user)
+    other = _user_folder(tmp_path / "other")
+    save_gemma3(tiny_model, other, overwrite=True)
+    assert created_by_us(other) and (other / "config.json").is_file()

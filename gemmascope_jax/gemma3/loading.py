@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,17 +258,23 @@ def save_gemma3(
     tokenizer=None,
     dtype=None,
     max_shard_bytes: int = 5 * 1024**3,
-    overwrite: bool = False,
+    force: bool = False,
+    replace_ours: bool = True,
+    overwrite: bool | None = None,
 ) -> Path:
     """Write a transformers-loadable directory (config.json + safetensors, sharded with an
     index when larger than `max_shard_bytes`). Written to a temporary sibling and renamed, so
-    a failure leaves nothing behind."""
+    a failure leaves nothing behind.
+
+    An existing non-empty `out_dir` is refused (FileExistsError naming it, before anything
+    is written) unless gemmascope-jax created it (an earlier `save_gemma3`, when
+    `replace_ours`) or `force=True` (see `formats.io.atomic_output_dir`). `overwrite` is the
+    old name of `force`."""
+    from gemmascope_jax.formats.io import atomic_output_dir
+
+    force = force or bool(overwrite)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output_dir(out, force=force, replace_ours=replace_ours) as tmp:
         cfg = model.cfg if dtype is None else model.cfg.with_dtype(dtype)
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
@@ -294,10 +298,4 @@ def save_gemma3(
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
