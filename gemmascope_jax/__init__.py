@@ -8,6 +8,7 @@ model(tokens, interventions={"resid_post.9": fn})
 gsj.analysis.top_features(model, tok, gsj.load_dictionary("path"), "some text")
 """
 
+from gemmascope_jax._version import __version__ as __version__
 from gemmascope_jax.dictionaries import DictionaryConfig, make_dictionary
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.formats import detect_format, load_dictionary, save_dictionary
@@ -16,8 +17,6 @@ from gemmascope_jax.gemma3.loading import load_gemma3, save_gemma3
 from gemmascope_jax.gemma3.model import Gemma3, Gemma3Output
 from gemmascope_jax.gemma3.sites import Site, resolve_site
 from gemmascope_jax.sharding import make_mesh
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import jax
 
-    from gemmascope_jax.data.sources import open_source, split_documents
+    from gemmascope_jax.data.corpus import open_source
+    from gemmascope_jax.data.sources import split_documents
     from gemmascope_jax.gemma3.loading import load_gemma3
     from gemmascope_jax.training.finetune import run_finetune
     from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents, run_training

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gemmascope_jax.data.corpus import embedded_corpus, source_kind
-from gemmascope_jax.data.sources import SubsetSource, open_source, source_labels, split_documents
+from gemmascope_jax.data.corpus import embedded_corpus, open_source, source_kind
+from gemmascope_jax.data.sources import SubsetSource, source_labels, split_documents
 from gemmascope_jax.formats import load_dictionary
 from gemmascope_jax.gemma3.loading import load_gemma3
 from gemmascope_jax.training.config import load_config

@@ -19,7 +19,7 @@ CLI verb: `inspect`, `dashboard`, `steer`, `refusal`, `jailbreak`, `cot`, `attri
 """
 
 from gemmascope_jax.analysis.attribution import attribute, select_logits
-from gemmascope_jax.analysis.common import check_chat, check_dictionary, check_latents, prompt_ids
+from gemmascope_jax.analysis.common import check_dictionary, check_latents
 from gemmascope_jax.analysis.cot import CoTView, cot_from_response, cot_generate, cot_view
 from gemmascope_jax.analysis.dashboard import build_dashboard
 from gemmascope_jax.analysis.features import (
@@ -69,6 +69,7 @@ from gemmascope_jax.analysis.steering import (
     steer,
     steer_interventions,
 )
+from gemmascope_jax.gemma3.tokenizer import check_chat, prompt_ids
 
 __all__ = [
     "AttributionGraph",

@@ -5,19 +5,18 @@ clear `ValueError` before any compute:
 
     check_dictionary(model.cfg, d)        # site layers in range, d_in/d_out equal the model's
     check_latents(d, [123, 7])            # ids in [0, width)
-    prompt_ids(tok, "text" | [{"role": "user", "content": "..."}])
+
+Chats and prompt token ids (`check_chat`, `prompt_ids`) live with the tokenizer, in
+`gemmascope_jax.gemma3.tokenizer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.config import Gemma3Config
 from gemmascope_jax.gemma3.sites import resolve_site, site_width
-
-CHAT_ROLES = ("system", "user", "model", "assistant")
 
 
 def dictionary_label(d: Dictionary) -> str:
@@ -71,36 +70,3 @@ def check_latents(d: Dictionary, latents: Iterable[int]) -> list[int]:
             f"0..{d.cfg.width - 1}"
         )
     return ids
-
-
-def check_chat(messages: Sequence[Any]) -> list[dict]:
-    """Validate a chat: a list of {role, content} dicts, optional system first, then user and
-    model turns alternating, starting with user. `assistant` is accepted for `model`."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise ValueError("a chat must be a non-empty list of {'role', 'content'} messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"chat message {i} must be a dict with 'role' and 'content': {m!r}")
-        if m["role"] not in CHAT_ROLES:
-            raise ValueError(f"chat message {i} has unknown role {m['role']!r}; use {CHAT_ROLES}")
-        out.append(dict(m))
-    turns = out[1:] if out[0]["role"] == "system" else out
-    for i, m in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "model"
-        role = "model" if m["role"] == "assistant" else m["role"]
-        if role != expected:
-            offset = len(out) - len(turns)
-            raise ValueError(
-                f"chat roles out of order: message {i + offset} is {m['role']!r}, expected "
-                f"{expected!r} (optional system first, then user/model alternating)"
-            )
-    return out
-
-
-def prompt_ids(tokenizer, text_or_chat: str | Sequence[dict], add_generation_prompt=True):
-    """Token ids (BOS first) of a plain string or a chat rendered with the Gemma 3 template."""
-    if isinstance(text_or_chat, str):
-        return tokenizer.encode(text_or_chat)
-    chat = check_chat(text_or_chat)
-    return tokenizer.chat(chat, add_generation_prompt=add_generation_prompt)

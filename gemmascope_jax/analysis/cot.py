@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from gemmascope_jax.analysis.common import dictionary_label, prompt_ids
+from gemmascope_jax.analysis.common import dictionary_label
 from gemmascope_jax.analysis.features import checked_dictionary, token_strings
 from gemmascope_jax.analysis.jailbreak import token_char_spans, token_codes
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.generate import generate
-from gemmascope_jax.gemma3.tokenizer import BOS_ID
+from gemmascope_jax.gemma3.tokenizer import BOS_ID, prompt_ids
 
 DEFAULT_MARKER = "Answer:"
 COT_INSTRUCTION = (

@@ -35,7 +35,7 @@ import numpy as np
 
 from gemmascope_jax.analysis.features import checked_dictionary, logit_lens_table, token_strings
 from gemmascope_jax.analysis.max_examples import MaxExamples
-from gemmascope_jax.formats.io import atomic_output_dir, check_replaceable
+from gemmascope_jax.output_folders import atomic_output_dir, check_replaceable
 
 DEFAULT_PAGES = 200
 FREQUENT_SHARE = 0.75

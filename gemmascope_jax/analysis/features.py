@@ -44,10 +44,9 @@ from gemmascope_jax.analysis.common import (
     check_dictionary,
     check_latents,
     dictionary_label,
-    prompt_ids,
 )
 from gemmascope_jax.dictionaries.base import Dictionary
-from gemmascope_jax.gemma3.tokenizer import BOS_ID
+from gemmascope_jax.gemma3.tokenizer import BOS_ID, prompt_ids
 
 RESIDUAL_WRITE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _FORWARDS: collections.OrderedDict = collections.OrderedDict()  # (id(model), sites) -> fn

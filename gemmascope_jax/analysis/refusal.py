@@ -37,10 +37,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gemmascope_jax.analysis.common import check_dictionary, dictionary_label, prompt_ids
+from gemmascope_jax.analysis.common import check_dictionary, dictionary_label
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.generate import generate
 from gemmascope_jax.gemma3.sites import resolve_site
+from gemmascope_jax.gemma3.tokenizer import prompt_ids
 
 PROMPT_SETS = ("harmful", "harmless")
 ABLATION_SITE_KINDS = ("resid_pre", "resid_mid", "resid_post")

@@ -17,7 +17,7 @@ from gemmascope_jax.data.cache import (
     read_manifest,
     write_activation_cache,
 )
-from gemmascope_jax.data.corpus import count_tokens, embedded_corpus
+from gemmascope_jax.data.corpus import count_tokens, embedded_corpus, open_source
 from gemmascope_jax.data.packing import PackedTokens
 from gemmascope_jax.data.sources import (
     ConcatSource,
@@ -29,7 +29,6 @@ from gemmascope_jax.data.sources import (
     SubsetSource,
     TextFileSource,
     encode_document,
-    open_source,
     split_documents,
 )
 

@@ -35,7 +35,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from gemmascope_jax.formats.io import FormatError, atomic_output_dir, path_inside
+from gemmascope_jax.formats.io import FormatError, path_inside
+from gemmascope_jax.output_folders import atomic_output_dir
 
 FORMAT = "gemmascope_jax.activation_cache"
 VERSION = 1

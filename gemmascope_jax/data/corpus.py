@@ -22,6 +22,9 @@ path: NAME}]` in a run config, `path: null` for the default):
   text (Python documentation); kept for tests that need a small, stable corpus, not for
   dictionaries meant for ordinary text.
 
+`open_source(spec)` opens a corpus from a run config's spec: "embedded" / "embedded:NAME" (these
+corpora), or a path, glob or list of them read with the source types of `data.sources`.
+
 The mixed corpus's size is measured by `tests/test_data_sources.py` (documents, characters,
 tokens per kind): about 2.2M characters, ~600k Gemma 3 tokens. Deterministic for a given
 Python version and package versions (constraints.txt pins them).
@@ -30,16 +33,28 @@ Python version and package versions (constraints.txt pins them).
 from __future__ import annotations
 
 import functools
+import glob as globlib
 import json
+import os
 import re
 import sqlite3
 import sys
 import sysconfig
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gemmascope_jax.data.sources import ListSource, encode_document
+from gemmascope_jax.data.sources import (
+    ConcatSource,
+    HFDiskSource,
+    JsonlSource,
+    ListSource,
+    ParquetSource,
+    SourceError,
+    TextFileSource,
+    encode_document,
+)
 
 EMBEDDED_CORPUS_NAME = "pydoc_data.topics"  # the narrow corpus's name (before "mixed")
 DEFAULT_CORPUS = "mixed"
@@ -155,6 +170,62 @@ def mixed_corpus() -> ListSource:
 def source_kind(label: str) -> str:
     """The kind of text of a source label: wikipedia.en, chat, kjv, code, pydoc, ..."""
     return label.split("/", 1)[0]
+
+
+def open_source(
+    spec: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    field: str = "text",
+    split: str | None = None,
+    text_split: str = "file",
+) -> Any:
+    """A source from a path, glob or list of them, by file type.
+
+    `"embedded"` is the default corpus (`embedded_corpus()`; `"embedded:pydoc"` the
+    narrow one); `*.jsonl` -> JsonlSource,
+    `*.parquet` -> ParquetSource, a directory with a `datasets` `state.json` or
+    `dataset_dict.json` -> HFDiskSource (with `split`); any other directory is searched
+    recursively for `*.txt`; any other file is plain text (`text_split` = "file" or
+    "blank_lines"). `field` names the jsonl field / parquet column / datasets column.
+    """
+    if isinstance(spec, str | os.PathLike):
+        if str(spec) == "embedded" or str(spec).startswith("embedded:"):
+            return embedded_corpus(str(spec).partition(":")[2] or None)
+        paths = _expand(str(spec))
+    else:
+        paths = [p for s in spec for p in _expand(str(s))]
+        if not paths:
+            raise SourceError("empty corpus: an empty list of paths")
+    sources, texts = [], []
+    for p in paths:
+        if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+            sources.append(HFDiskSource(p, field, split))
+        elif p.is_dir():
+            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
+            if not found:
+                raise SourceError(f"empty corpus: no *.txt files under {p}")
+            texts.extend(found)
+        elif p.suffix == ".jsonl":
+            sources.append(JsonlSource(p, field))
+        elif p.suffix == ".parquet":
+            sources.append(ParquetSource(p, field))
+        else:
+            texts.append(p)
+    if texts:
+        sources.append(TextFileSource(texts, split=text_split))
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)
+
+
+def _expand(spec: str) -> list[Path]:
+    if any(c in spec for c in "*?["):
+        found = sorted(globlib.glob(spec, recursive=True))
+        if not found:
+            raise FileNotFoundError(f"no files match {spec!r}")
+        return [Path(p) for p in found]
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"corpus path not found: {path}")
+    return [path]
 
 
 # ---- the parts --------------------------------------------------------------------------------

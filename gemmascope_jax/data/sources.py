@@ -11,7 +11,8 @@ corpora are not loaded into memory:
 - `JsonlSource`: one JSON object per line; `field` holds a text or a list of turns.
 - `ParquetSource`: a `column` of strings (or of turn lists) read with pyarrow.
 - `HFDiskSource`: a `datasets.save_to_disk` directory (`datasets` is imported lazily).
-- `open_source(spec)` picks one of these from a path, a glob or a list of them.
+- `data.corpus.open_source(spec)` picks one of these (or an embedded corpus) from a path, a
+  glob or a list of them.
 
 Loss tokens. `LossTokensSource(source, "response" | "prompt" | "all")` tags each chat of a
 source with which of its tokens count for training (`LossTokensChat`, a list of turns);
@@ -25,7 +26,6 @@ record that is neither text nor a chat, an empty corpus.
 from __future__ import annotations
 
 import bisect
-import glob as globlib
 import json
 import os
 import re
@@ -401,64 +401,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if len(diff) else n
-
-
-def open_source(
-    spec: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    field: str = "text",
-    split: str | None = None,
-    text_split: str = "file",
-) -> Any:
-    """A source from a path, glob or list of them, by file type.
-
-    `"embedded"` is the default corpus (`corpus.embedded_corpus()`; `"embedded:pydoc"` the
-    narrow one); `*.jsonl` -> JsonlSource,
-    `*.parquet` -> ParquetSource, a directory with a `datasets` `state.json` or
-    `dataset_dict.json` -> HFDiskSource (with `split`); any other directory is searched
-    recursively for `*.txt`; any other file is plain text (`text_split` = "file" or
-    "blank_lines"). `field` names the jsonl field / parquet column / datasets column.
-    """
-    if isinstance(spec, str | os.PathLike):
-        if str(spec) == "embedded" or str(spec).startswith("embedded:"):
-            from gemmascope_jax.data.corpus import embedded_corpus
-
-            return embedded_corpus(str(spec).partition(":")[2] or None)
-        paths = _expand(str(spec))
-    else:
-        paths = [p for s in spec for p in _expand(str(s))]
-        if not paths:
-            raise SourceError("empty corpus: an empty list of paths")
-    sources, texts = [], []
-    for p in paths:
-        if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
-            sources.append(HFDiskSource(p, field, split))
-        elif p.is_dir():
-            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
-            if not found:
-                raise SourceError(f"empty corpus: no *.txt files under {p}")
-            texts.extend(found)
-        elif p.suffix == ".jsonl":
-            sources.append(JsonlSource(p, field))
-        elif p.suffix == ".parquet":
-            sources.append(ParquetSource(p, field))
-        else:
-            texts.append(p)
-    if texts:
-        sources.append(TextFileSource(texts, split=text_split))
-    return sources[0] if len(sources) == 1 else ConcatSource(sources)
-
-
-def _expand(spec: str) -> list[Path]:
-    if any(c in spec for c in "*?["):
-        found = sorted(globlib.glob(spec, recursive=True))
-        if not found:
-            raise FileNotFoundError(f"no files match {spec!r}")
-        return [Path(p) for p in found]
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"corpus path not found: {path}")
-    return [path]
 
 
 def _names(files: Sequence[Path]) -> str:

@@ -1,122 +1,34 @@
 """Shared reading and writing rules for every dictionary format.
 
-- `atomic_output_dir(out, force, replace_ours)`: write into a temporary sibling folder and
-  rename it into place at the end; a failure leaves nothing behind; an existing non-empty
-  output is refused unless `force`, or unless `replace_ours` and gemmascope-jax created it
-  (the `OUTPUT_MARKER` file it writes into every such folder).
-- `atomic_output_file(out)`: the same for one file (a temporary sibling file, flushed and
-  fsynced, renamed over `out` on success; removed on failure).
+- `atomic_output_dir`, `atomic_output_file`, `check_replaceable`, `created_by_us`,
+  `OUTPUT_MARKER`: the output-folder rules, defined on the lowest floor in
+  `gemmascope_jax.output_folders` (the model's `save_gemma3` uses them too) and re-exported
+  here for existing importers.
 - `TensorReader`: read tensors from one safetensors file, checking name, shape, dtype and
   finiteness, and naming the file and tensor in every error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from gemmascope_jax.output_folders import (  # noqa: F401 - re-exported
+    OUTPUT_MARKER,
+    atomic_output_dir,
+    atomic_output_file,
+    check_replaceable,
+    created_by_us,
+)
 from gemmascope_jax.safetensors_io import SafetensorsFile
 
 
 class FormatError(ValueError):
     """A dictionary file that is malformed or disagrees with its config; names file and tensor."""
-
-
-# Written into every folder `atomic_output_dir` creates: "gemmascope-jax made this folder",
-# so a later run may replace it (`replace_ours=True`) without deleting anything it did not make.
-OUTPUT_MARKER = ".gemmascope-jax-output"
-
-
-def created_by_us(path: str | os.PathLike) -> bool:
-    """Whether the folder `path` was written by `atomic_output_dir` (holds `OUTPUT_MARKER`)."""
-    return (Path(path) / OUTPUT_MARKER).is_file()
-
-
-def check_replaceable(out: str | os.PathLike, *, force: bool = False, replace_ours: bool = False):
-    """Raise FileExistsError unless `out` may be replaced: it does not exist, is an empty
-    folder, was created by gemmascope-jax and `replace_ours` is set, or `force` is set. Even
-    with `force`, the filesystem root, the home folder, the working folder and its parents
-    are never replaced."""
-    out = Path(out)
-    if not (out.exists() or out.is_symlink()):
-        return
-    resolved = out.resolve()
-    cwd = Path.cwd().resolve()
-    if out.is_dir() and (
-        resolved == Path(resolved.anchor)
-        or resolved == Path.home().resolve()
-        or resolved == cwd
-        or resolved in cwd.parents
-    ):
-        raise FileExistsError(
-            f"{out} ({resolved}) is the filesystem root, the home folder or the working folder "
-            "(or one of its parents): refusing to replace it, even with --force; give a new "
-            "folder for the output"
-        )
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return
-    if force or (replace_ours and out.is_dir() and created_by_us(out)):
-        return
-    what = "a file" if not out.is_dir() else "not empty"
-    mine = "" if out.is_dir() and created_by_us(out) else ", and gemmascope-jax did not create it"
-    raise FileExistsError(
-        f"{out} already exists ({what}{mine}): refusing to replace it; pass --force "
-        "(force=True) to replace it, or choose another output folder"
-    )
-
-
-@contextlib.contextmanager
-def atomic_output_dir(
-    out: str | os.PathLike, *, force: bool = False, replace_ours: bool = False
-) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `out`; on success it replaces `out`.
-
-    An existing `out` that is not an empty folder is refused (FileExistsError, before anything
-    is written) unless `force`, or unless `replace_ours` and it holds `OUTPUT_MARKER` (a
-    folder an earlier `atomic_output_dir` wrote). The new folder gets the marker.
-    """
-    out = Path(out)
-    check_replaceable(out, force=force, replace_ours=replace_ours)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        (tmp / OUTPUT_MARKER).write_text('{"created_by": "gemmascope-jax"}\n')
-        check_replaceable(out, force=force, replace_ours=replace_ours)  # appeared meanwhile?
-        if out.is_symlink() or out.is_file():
-            out.unlink()
-        elif out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_output_file(out: str | os.PathLike, mode: str = "w") -> Iterator:
-    """Yield an open temporary file next to `out` (`mode` "w" or "wb"); on success it is
-    flushed, fsynced and renamed over `out`, so readers see the old file or the whole new one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def path_inside(folder: str | os.PathLike, entry, source: str | os.PathLike) -> Path:

@@ -118,7 +118,7 @@ def _listed_tensors(tensors, meta_path: Path) -> dict[str, dict]:
 
 
 def save(obj, out_dir: Path, *, progress: bool = False) -> None:
-    from gemmascope_jax import __version__
+    from gemmascope_jax._version import __version__
     from gemmascope_jax.dictionaries import Dictionary
 
     if not isinstance(obj, Dictionary):

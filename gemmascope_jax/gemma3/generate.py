@@ -31,6 +31,7 @@ from flax import nnx
 
 from gemmascope_jax.gemma3.kv_cache import decode_step, prefill
 from gemmascope_jax.gemma3.model import Gemma3, Intervention
+from gemmascope_jax.gemma3.tokenizer import prompt_ids
 
 IT_STOP_IDS = (1, 106)  # <eos>, <end_of_turn>
 
@@ -107,8 +108,6 @@ def generate_text(
 
 def prompt_id_lists(tokenizer, prompts) -> list[list[int]]:
     """Token ids of one prompt or a list of prompts, each a string or a chat."""
-    from gemmascope_jax.analysis.common import prompt_ids
-
     single = isinstance(prompts, str) or (
         isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], dict)
     )

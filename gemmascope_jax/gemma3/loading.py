@@ -268,9 +268,9 @@ def save_gemma3(
 
     An existing non-empty `out_dir` is refused (FileExistsError naming it, before anything
     is written) unless gemmascope-jax created it (an earlier `save_gemma3`, when
-    `replace_ours`) or `force=True` (see `formats.io.atomic_output_dir`). `overwrite` is the
+    `replace_ours`) or `force=True` (see `output_folders.atomic_output_dir`). `overwrite` is the
     old name of `force`."""
-    from gemmascope_jax.formats.io import atomic_output_dir
+    from gemmascope_jax.output_folders import atomic_output_dir
 
     force = force or bool(overwrite)
     out = Path(out_dir)

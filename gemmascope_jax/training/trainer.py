@@ -29,13 +29,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gemmascope_jax.data.activations import normalize
-from gemmascope_jax.data.corpus import embedded_corpus
+from gemmascope_jax.data.corpus import embedded_corpus, open_source
 from gemmascope_jax.data.pipeline import ActivationPipeline, model_mesh, packed_tokens
 from gemmascope_jax.data.rollouts import rollout_documents
 from gemmascope_jax.data.sources import (
     ConcatSource,
     LossTokensSource,
-    open_source,
     split_documents,
 )
 from gemmascope_jax.dictionaries.sets import TranscoderSet
