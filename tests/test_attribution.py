@@ -1,6 +1,8 @@
 """Attribution graphs on the tiny Gemma 3: linearity, brute-force direct effects, agreement with
 circuit-tracer 0.5.0 (its nnsight backend, in the interop venv), pruning, graph files,
-interventions and transcoder-set loading.
+interventions, transcoder-set loading, and circuit-tracer's replacement / completeness scores
+(hand-built graphs, an independent dense computation, circuit-tracer's `compute_graph_scores`
+on its own graph, pruned and unpruned, and `graph_quality` over prompts).
 
 circuit-tracer contracts the token-embedding gradient with the unscaled embedding row while
 Gemma adds the row times sqrt(d_model) to the residual stream, so its token edges are ours
@@ -27,7 +29,14 @@ from gemmascope_jax.analysis.attribution import (
     auto_batch_size,
     intervene,
 )
-from gemmascope_jax.analysis.graph import partial_influence, prune_graph, write_graph_files
+from gemmascope_jax.analysis.graph import (
+    AttributionGraph,
+    graph_scores,
+    partial_influence,
+    prune_graph,
+    write_graph_files,
+)
+from gemmascope_jax.analysis.graph_quality import graph_quality
 from gemmascope_jax.analysis.replacement import _decoder_delta
 from gemmascope_jax.analysis.row_store import RowStore
 from gemmascope_jax.cli import run_verb
@@ -179,7 +188,7 @@ def peer(plt_built, hf_tiny, tmp_path_factory):
     ours = write_graph_files(graph, root / "graphs", slug="tiny", png=False)["json"]
     argv = [_peer_model_dir(hf_tiny, root / "model"), root / "transcoders", root / "peer.npz"]
     argv += ["--tokens", ",".join(map(str, TOKENS)), "--batch-size", "64"]
-    argv += ["--validate-graph-json", ours]
+    argv += ["--validate-graph-json", ours, "--token-scale", np.sqrt(rep.model.cfg.hidden_size)]
     proc = subprocess.run([str(INTEROP_PYTHON), str(PEER_SCRIPT), *map(str, argv)],
                           capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
@@ -196,7 +205,7 @@ def test_adjacency_matches_circuit_tracer(plt_built, peer):
     np.testing.assert_allclose(graph.activation_values, theirs["activation_values"], atol=1e-5)
     np.testing.assert_array_equal(graph.logit_tokens, theirs["logit_tokens"])
     np.testing.assert_allclose(graph.logit_probabilities, theirs["logit_probabilities"], 1e-4)
-    ours, peer_adjacency = graph.dense_adjacency(), theirs["adjacency"]
+    ours, peer_adjacency = graph.dense_adjacency(), theirs["adjacency"].copy()
     assert ours.shape == peer_adjacency.shape == (graph.n_nodes, graph.n_nodes)
     s, n_layers, t = graph.n_features, graph.n_layers, graph.n_pos
     tokens = np.arange(s + n_layers * t, s + (n_layers + 1) * t)
@@ -383,3 +392,174 @@ def test_cli_attribute(plt_built, tiny_model, tmp_path, monkeypatch, capsys):
     args = parser.parse_args([*argv, "--row-memory-gb", "1e-9"])
     assert run_verb("attribute", args.func, args) == 2
     assert "logit rows need" in capsys.readouterr().err
+
+
+# ---- replacement and completeness scores (circuit-tracer's compute_graph_scores) -------------
+
+
+def _hand_graph(feature_row, logit_row, n_layers=1):
+    """One token, one feature, n_layers error nodes, one logit (p = 1); rows over the nodes
+    [feature, errors..., token, logit]."""
+    rows = np.array([feature_row, logit_row], np.float32)
+    return AttributionGraph(
+        tokens=np.array([2]), token_strings=["<bos>"], prompt="", n_layers=n_layers,
+        active_features=np.array([[0, 0, 0]]), activation_values=np.ones(1, np.float32),
+        selected_features=np.array([0]), adjacency_rows=rows, logit_tokens=np.array([7]),
+        logit_probabilities=np.ones(1, np.float32),
+    )  # fmt: skip
+
+
+def test_graph_scores_hand_built():
+    #         feature error token logit
+    through_features = _hand_graph([0, 0, 1.0, 0], [2.0, 0, 0, 0])
+    assert graph_scores(through_features) == pytest.approx((1.0, 1.0))
+    # the logit reads only the error node: the token reaches it through no feature
+    through_errors = _hand_graph([0, 0, 1.0, 0], [0, 1.0, 0, 0])
+    replacement, completeness = graph_scores(through_errors)
+    assert replacement == 0.0
+    # I + w: error 1, logit 1 (feature and token 0); non-error shares error 1, logit 0
+    assert completeness == pytest.approx(0.5)
+    # mixed: feature row |.| normalised (token 3/4, error 1/4), logit row (1/4, 1/4, 1/2)
+    mixed = _hand_graph([0, -1.0, 3.0, 0], [1.0, 1.0, 2.0, 0])
+    # I: feature 1/4, error 1/4 + 1/4 * 1/4 = 5/16, token 1/2 + 1/4 * 3/4 = 11/16
+    # completeness: (3/4 * 1/4 + 5/16 + 11/16 + 3/4 * 1) / (1/4 + 5/16 + 11/16 + 1)
+    assert graph_scores(mixed) == pytest.approx((11 / 16, 1.9375 / 2.25))
+    # a pure sign flip changes nothing (|A| is normalised)
+    flipped = _hand_graph([0, 1.0, -3.0, 0], [-1.0, 1.0, -2.0, 0])
+    assert graph_scores(flipped) == pytest.approx(graph_scores(mixed))
+
+
+def test_graph_scores_pruned_hand_built():
+    mixed = _hand_graph([0, -1.0, 3.0, 0], [1.0, 1.0, 2.0, 0])
+    every_node, every_edge = np.ones(4, bool), np.ones((2, 4), bool)
+    assert graph_scores(mixed, every_node, every_edge) == pytest.approx(graph_scores(mixed))
+    # drop the error -> logit edge: logit row (1/3, 0, 2/3); I: feature 1/3, error 1/12,
+    # token 2/3 + 1/4 = 11/12; completeness (3/4 * 1/3 + 1/12 + 11/12 + 1) / (7/3) = 27/28
+    edge_mask = every_edge.copy()
+    edge_mask[1, 1] = False
+    assert graph_scores(mixed, edge_mask=edge_mask) == pytest.approx((11 / 12, 27 / 28))
+    dense = np.ones((4, 4), bool)  # circuit-tracer's [n, n] mask, same edge dropped
+    dense[3, 1] = False
+    assert graph_scores(mixed, edge_mask=dense) == pytest.approx((11 / 12, 27 / 28))
+    # drop the error node: nothing reaches the logits through errors any more
+    node_mask = np.array([True, False, True, True])
+    assert graph_scores(mixed, node_mask) == pytest.approx((1.0, 1.0))
+    with pytest.raises(ValueError, match="node_mask must have shape"):
+        graph_scores(mixed, np.ones(3, bool))
+    with pytest.raises(ValueError, match="edge_mask must have shape"):
+        graph_scores(mixed, edge_mask=np.ones((3, 4), bool))
+
+
+def _dense_scores(graph, keep=None):
+    """compute_graph_scores written out on the dense matrix with (I - Â)^-1 - I."""
+    a = np.abs(graph.dense_adjacency().astype(np.float64))
+    if keep is not None:
+        a *= keep
+    norm = a / np.maximum(a.sum(axis=1, keepdims=True), 1e-10)
+    n, s, t = graph.n_nodes, graph.n_features, graph.n_pos
+    w = np.zeros(n)
+    w[-graph.n_logits :] = graph.logit_probabilities
+    influence = w @ (np.linalg.inv(np.eye(n) - norm) - np.eye(n))
+    errors, tokens = (
+        slice(s, s + graph.n_layers * t),
+        slice(s + graph.n_layers * t, n - graph.n_logits),
+    )
+    replacement = influence[tokens].sum() / (influence[tokens].sum() + influence[errors].sum())
+    out = influence + w
+    completeness = ((1 - norm[:, errors].sum(axis=1)) * out).sum() / out.sum()
+    return replacement, completeness
+
+
+def test_graph_scores_match_dense_formula(built):
+    _, graph = built
+    ours = graph_scores(graph)
+    np.testing.assert_allclose(ours, _dense_scores(graph), rtol=1e-5)
+    assert 0.0 < ours[0] < 1.0 and 0.0 < ours[1] < 1.0  # random transcoders: errors matter
+    pruned = prune_graph(graph, 0.8, 0.98)
+    assert not pruned.node_mask.all()
+    keep = np.zeros((graph.n_nodes, graph.n_nodes), bool)
+    keep[graph.row_nodes] = pruned.edge_mask
+    keep &= pruned.node_mask[:, None] & pruned.node_mask[None, :]
+    pruned_scores = graph_scores(graph, pruned.node_mask, pruned.edge_mask)
+    np.testing.assert_allclose(pruned_scores, _dense_scores(graph, keep), rtol=1e-5)
+    assert pruned_scores != pytest.approx(ours)
+    # a pruned graph with every node and edge is the graph itself
+    every = np.ones(graph.adjacency_rows.shape, bool)
+    assert graph_scores(graph, np.ones(graph.n_nodes, bool), every) == pytest.approx(ours)
+
+
+def _peer_graph(theirs) -> AttributionGraph:
+    """circuit-tracer's graph (peer.npz) as our AttributionGraph."""
+    n_features = len(theirs["selected_features"])
+    graph = AttributionGraph(
+        tokens=theirs["input_tokens"], token_strings=[""] * len(theirs["input_tokens"]),
+        prompt="", n_layers=int(theirs["n_layers"]), active_features=theirs["active_features"],
+        activation_values=theirs["activation_values"],
+        selected_features=theirs["selected_features"], adjacency_rows=np.zeros((0, 0)),
+        logit_tokens=theirs["logit_tokens"], logit_probabilities=theirs["logit_probabilities"],
+    )  # fmt: skip
+    rows = np.concatenate([np.arange(n_features), np.arange(graph.n_nodes - graph.n_logits,
+                                                            graph.n_nodes)])  # fmt: skip
+    graph.adjacency_rows = theirs["adjacency"][rows]
+    return graph
+
+
+def test_graph_scores_match_circuit_tracer(plt_built, peer):
+    """Our graph_scores equals circuit-tracer's compute_graph_scores, unpruned and pruned
+    (its prune_graph masks applied to the adjacency), on circuit-tracer's own graph; and on
+    our graph, against circuit-tracer's graph with its token edges in our convention."""
+    _, graph = plt_built
+    theirs, _ = peer
+    same = _peer_graph(theirs)
+    np.testing.assert_allclose(graph_scores(same), theirs["scores"], rtol=1e-5)
+    masks = theirs["prune_node_mask"], theirs["prune_edge_mask"]
+    np.testing.assert_allclose(graph_scores(same, *masks), theirs["pruned_scores"], rtol=1e-5)
+    pruned = prune_graph(same, 0.8, 0.98)  # our pruning of their graph: the same masks
+    np.testing.assert_array_equal(pruned.node_mask, theirs["prune_node_mask"])
+    np.testing.assert_array_equal(pruned.edge_mask, theirs["prune_edge_mask"][same.row_nodes])
+    assert not pruned.node_mask.all()
+
+    # our attribution graph (token edges x sqrt(d_model)) vs theirs rescaled the same way
+    np.testing.assert_allclose(graph_scores(graph), theirs["scaled_scores"], rtol=1e-5)
+    ours_pruned = prune_graph(graph, 0.8, 0.98)
+    np.testing.assert_array_equal(ours_pruned.node_mask, theirs["scaled_prune_node_mask"])
+    np.testing.assert_allclose(graph_scores(graph, ours_pruned.node_mask, ours_pruned.edge_mask),
+                               theirs["scaled_pruned_scores"], rtol=1e-5)  # fmt: skip
+
+
+class _WordTokenizer:
+    """Maps each word of a prompt to an id in the tiny vocabulary (BOS first)."""
+
+    def encode(self, text):
+        return [2, *(4 + sum(map(ord, word)) % 500 for word in text.split())]
+
+    def decode(self, ids):
+        return " ".join(f"t{i}" for i in ids)
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_graph_quality(tiny_model, kind):
+    transcoders = _plt() if kind == "plt" else _clt()
+    tok = _WordTokenizer()
+    prompts = ["the cat sat on the", "one two three four five six"]
+    report = graph_quality(tiny_model, tok, transcoders, prompts, batch_size=32)
+    assert json.loads(json.dumps(report)) == report
+    assert report["n_prompts"] == 2 and [p["prompt"] for p in report["per_prompt"]] == prompts
+    for entry, prompt in zip(report["per_prompt"], prompts, strict=True):
+        rep = ReplacementModel.build(tiny_model, transcoders, tok.encode(prompt))
+        graph = attribute(rep, batch_size=32, max_feature_nodes=7500)
+        pruned = prune_graph(graph)
+        assert entry["n_tokens"] == graph.n_pos and entry["n_features"] == graph.n_features
+        assert entry["n_pruned_nodes"] == int(pruned.node_mask.sum()) < graph.n_nodes
+        expected = graph_scores(graph), graph_scores(graph, pruned.node_mask, pruned.edge_mask)
+        for which, scores in zip(("unpruned", "pruned"), expected, strict=True):
+            got = entry[which]["replacement"], entry[which]["completeness"]
+            np.testing.assert_allclose(got, scores, rtol=1e-6)
+    for which in ("unpruned", "pruned"):
+        for name in ("replacement", "completeness"):
+            values = [p[which][name] for p in report["per_prompt"]]
+            assert report[which][name]["mean"] == pytest.approx(np.mean(values))
+            assert report[which][name]["min"] == pytest.approx(min(values))
+            assert all(0.0 <= v <= 1.0 for v in values)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        graph_quality(tiny_model, tok, transcoders, [])

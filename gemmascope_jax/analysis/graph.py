@@ -10,7 +10,9 @@ Pruning (`prune_graph`) is circuit-tracer's: row-normalise |A|, node influence
 `w_logit @ (A + A^2 + ...)`, keep nodes up to `node_threshold` of cumulative influence
 (tokens and logits always), edge scores `Â * (influence + w_logit)[:, None]` on the pruned
 graph kept up to `edge_threshold`, then drop feature/error nodes left without outgoing edges
-(and features without incoming ones) until nothing changes. `write_graph_files` writes the
+(and features without incoming ones) until nothing changes. `graph_scores` is
+circuit-tracer's `compute_graph_scores` (replacement and completeness), of the whole graph or
+of the pruned one (docs/graph_scores.md). `write_graph_files` writes the
 `{slug}.json` of `create_graph_files` (metadata, qParams, nodes, links), the
 `graph-metadata.json` index the viewer reads, and a PNG of the pruned graph.
 """
@@ -88,13 +90,17 @@ class AttributionGraph:
         return int(hit[0])
 
 
-def _normalized(rows: np.ndarray, row_mask=None, column_mask=None) -> np.ndarray:
-    """|rows| (times the optional 0/1 masks) divided by their row sums: one new array."""
-    a = np.abs(rows)
+def _normalized(rows: np.ndarray, row_mask=None, column_mask=None, edge_mask=None,
+                dtype=None) -> np.ndarray:  # fmt: skip
+    """|rows| (times the optional 0/1 masks: per row, per column, per edge [R, n]) divided by
+    their row sums: one new array (of `dtype` when given, else of rows' dtype)."""
+    a = np.abs(rows) if dtype is None else np.abs(rows, dtype=dtype)
     if row_mask is not None:
         a *= row_mask[:, None]
     if column_mask is not None:
         a *= column_mask[None, :]
+    if edge_mask is not None:
+        a *= edge_mask
     a /= np.maximum(a.sum(axis=1, keepdims=True), 1e-10)
     return a
 
@@ -179,6 +185,66 @@ def prune_graph(graph: AttributionGraph, node_threshold=0.8, edge_threshold=0.98
     scores = np.zeros(n, np.float32)
     scores[order] = cumulative
     return PruneResult(node_mask, edge_mask, scores)
+
+
+def graph_scores(
+    graph: AttributionGraph,
+    node_mask: np.ndarray | None = None,
+    edge_mask: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """(replacement_score, completeness_score) of a graph: circuit-tracer 0.5.0's
+    `compute_graph_scores` (circuit_tracer/graph.py), on our row-stored adjacency.
+
+    With Â = |A| row-normalised (`normalize_matrix`), w the logit probabilities on the logit
+    nodes (0 elsewhere) and influence I = w (Â + Â² + ...) (`compute_influence`):
+
+        replacement  = Σ_tokens I / (Σ_tokens I + Σ_errors I)
+        completeness = Σ_j (1 - Σ_{e ∈ errors} Â[j, e]) (I_j + w_j) / Σ_j (I_j + w_j)
+
+    Replacement is the share of the token-to-logit influence that flows through features
+    rather than error nodes; completeness the influence-weighted share of every node's
+    (normalised) input that comes from features or tokens rather than errors. Nodes without
+    incoming edges (errors, tokens, pruned nodes) count as fully explained in completeness.
+
+    Pruned scores: pass `prune_graph`'s node_mask [n] and edge_mask ([S + K, n] over
+    `adjacency_rows`, or circuit-tracer's dense [n, n]). The scores are then those of
+    `compute_graph_scores` on the graph whose adjacency keeps only the edges in edge_mask
+    between nodes in node_mask (the graph `create_graph_files` draws), every other entry 0,
+    normalised afresh. circuit-tracer has no pruned-score function of its own; this is its
+    `compute_graph_scores` applied to its `prune_graph` masks (tests/test_attribution.py
+    checks both against circuit-tracer). Replacement is NaN when no token or error node has
+    influence.
+    """
+    n, s, k, t = graph.n_nodes, graph.n_features, graph.n_logits, graph.n_pos
+    rows, row_nodes = graph.adjacency_rows, graph.row_nodes
+    error_end = s + graph.n_layers * t
+    token_end = error_end + t
+    row_mask = column_mask = None
+    if node_mask is not None:
+        node_mask = np.asarray(node_mask, bool)
+        if node_mask.shape != (n,):
+            raise ValueError(f"node_mask must have shape ({n},), got {node_mask.shape}")
+        column_mask = node_mask.astype(np.float32)
+        row_mask = column_mask[row_nodes]
+    if edge_mask is not None:
+        edge_mask = np.asarray(edge_mask, bool)
+        if edge_mask.shape == (n, n):
+            edge_mask = edge_mask[row_nodes]
+        if edge_mask.shape != rows.shape:
+            raise ValueError(f"edge_mask must have shape {rows.shape} or {(n, n)}, got "
+                             f"{edge_mask.shape}")  # fmt: skip
+    norm = _normalized(rows, row_mask, column_mask, edge_mask, dtype=np.float32)
+    weights = np.zeros(n, np.float32)
+    weights[-k:] = graph.logit_probabilities
+    influence = _influence(norm, row_nodes, weights)
+    token = float(influence[error_end:token_end].sum(dtype=np.float64))
+    error = float(influence[s:error_end].sum(dtype=np.float64))
+    replacement = token / (token + error) if token + error > 0 else float("nan")
+    non_error = np.ones(n, np.float64)
+    non_error[row_nodes] = 1.0 - norm[:, s:error_end].sum(axis=1, dtype=np.float64)
+    output = influence.astype(np.float64) + weights
+    completeness = float((non_error * output).sum() / output.sum())
+    return replacement, completeness
 
 
 # ---- circuit-tracer graph files ---------------------------------------------------------------

@@ -2,7 +2,8 @@
 
     .venv-interop/bin/python scripts/interop/circuit_tracer_attribution.py \
         MODEL_DIR TRANSCODER_DIR OUT.npz --tokens 2,10,50 [--batch-size N] \
-        [--max-feature-nodes N] [--targets 5,17] [--validate-graph-json GRAPH.json]
+        [--max-feature-nodes N] [--targets 5,17] [--validate-graph-json GRAPH.json] \
+        [--token-scale X]
 
 MODEL_DIR is a transformers Gemma 3 checkpoint with its tokenizer (circuit-tracer decodes the
 prompt and the logit tokens with it); TRANSCODER_DIR a circuit-tracer transcoder folder
@@ -22,6 +23,13 @@ OUT.npz gets (n = S + (L+1) T + K nodes in circuit-tracer's order):
     n_layers            scalar int64
     validated_nodes     scalar int64, with --validate-graph-json: the node count of GRAPH.json
                         parsed by circuit-tracer's frontend schema (`graph_models.Model`)
+    scores              [2] float64: `compute_graph_scores(graph)` (replacement, completeness)
+    prune_node_mask     [n] bool, prune_edge_mask [n, n] bool: `prune_graph(graph, 0.8, 0.98)`
+    pruned_scores       [2]: `compute_graph_scores` of the graph whose adjacency keeps only
+                        the masked edges between masked nodes (every other entry 0)
+    scaled_*            with --token-scale X: the same three on the graph with its token
+                        columns multiplied by X (sqrt(d_model) gives gemmascope-jax's token
+                        edges: circuit-tracer contracts with the unscaled embedding row)
 
 This script must not import gemmascope_jax or jax.
 """
@@ -29,6 +37,7 @@ This script must not import gemmascope_jax or jax.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -44,6 +53,27 @@ def _ids(text: str | None) -> list[int] | None:
     return None if text is None else [int(x) for x in text.split(",") if x.strip()]
 
 
+def _with_adjacency(graph, adjacency):
+    out = copy.copy(graph)
+    out.adjacency_matrix = adjacency
+    return out
+
+
+def _scores(graph, prefix: str) -> dict[str, np.ndarray]:
+    """circuit-tracer's scores of `graph` and of its pruned graph (prune_graph's masks)."""
+    from circuit_tracer.graph import compute_graph_scores, prune_graph
+
+    node_mask, edge_mask, _ = prune_graph(graph, node_threshold=0.8, edge_threshold=0.98)
+    keep = edge_mask & node_mask[:, None] & node_mask[None, :]
+    pruned = _with_adjacency(graph, graph.adjacency_matrix * keep)
+    return {
+        f"{prefix}scores": np.array(compute_graph_scores(graph), np.float64),
+        f"{prefix}prune_node_mask": node_mask.numpy(),
+        f"{prefix}prune_edge_mask": edge_mask.numpy(),
+        f"{prefix}pruned_scores": np.array(compute_graph_scores(pruned), np.float64),
+    }
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", type=Path)
@@ -54,6 +84,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-feature-nodes", type=int, default=None)
     p.add_argument("--validate-graph-json", type=Path, default=None)
+    p.add_argument("--token-scale", type=float, default=None)
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -81,6 +112,13 @@ def main(argv: list[str]) -> int:
 
         doc = Model.model_validate_json(args.validate_graph_json.read_text())
         extra["validated_nodes"] = np.int64(len(doc.nodes))
+    extra.update(_scores(graph, ""))
+    if args.token_scale is not None:
+        n_features = len(graph.selected_features)
+        start = n_features + len(graph.input_tokens) * graph.cfg.n_layers
+        adjacency = graph.adjacency_matrix.clone()
+        adjacency[:, start : start + len(graph.input_tokens)] *= args.token_scale
+        extra.update(_scores(_with_adjacency(graph, adjacency), "scaled_"))
     np.savez(
         args.out,
         adjacency=graph.adjacency_matrix.float().numpy(),
