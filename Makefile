@@ -25,7 +25,7 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	$(BIN)/gemmascope-jax demo --max-new-tokens 24
 	$(BIN)/gemmascope-jax train configs/demo.yaml
-	$(BIN)/gemmascope-jax dashboard --dictionary runs/demo/export/resid_post_9_matryoshka/native --max-tokens 16384 --latents 200 --out runs/demo/dashboard
+	$(BIN)/gemmascope-jax dashboard --dictionary runs/demo/export/resid_post_9_matryoshka/native --max-tokens 16384 --latents 200 --out runs/demo/dashboard --card runs/demo/report/cards/resid_post_9_matryoshka
 
 # Peer libraries whose pins clash with ours (circuit-tracer 0.5.0 pins transformers 4.57.3)
 # live in their own venv; tests run scripts/interop/*.py with it.

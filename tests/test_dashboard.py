@@ -63,6 +63,47 @@ def test_dashboard_files_and_selection(site):
         select_latents(ex, [48])
 
 
+def test_dashboard_links_the_quality_card(tiny_model, tmp_path):
+    from gemmascope_jax.evals.card import write_card
+
+    cfg = DictionaryConfig(
+        kind="sae", architecture="jumprelu", d_in=64, d_out=64, width=48, layers=(3,)
+    )
+    d = random_dictionary(cfg, 0)
+    rng = np.random.RandomState(1)
+    batches = [rng.randint(4, 512, size=(2, 24)).astype(np.int32) for _ in range(2)]
+    for b in batches:
+        b[:, 0] = 2
+    card = write_card(d, tiny_model, batches, tmp_path / "card", absorption=False)
+    ex = scan_corpus(tiny_model, d, batches, top_n=3, left=2, right=1, progress=False)
+    index = build_dashboard(
+        tiny_model,
+        None,
+        d,
+        ex,
+        tmp_path / "site",
+        latents=4,
+        progress=False,
+        card=tmp_path / "card",
+    )
+    page = index.read_text()
+    assert 'href="card/card.md"' in page and f"FVU {card['gemma_scope']['fvu']:.3g}" in page
+    for name in ["card.json", "card.md", *card["plots"]]:
+        assert (index.parent / "card" / name).is_file()
+    (tmp_path / "not_a_card").mkdir()
+    with pytest.raises(ValueError, match="not a quality card"):
+        build_dashboard(
+            tiny_model,
+            None,
+            d,
+            ex,
+            tmp_path / "site2",
+            progress=False,
+            card=tmp_path / "not_a_card",
+        )
+    assert not (tmp_path / "site2").exists()
+
+
 @pytest.mark.skipif(shutil.which(CHROMEDRIVER) is None, reason="chromium-driver not installed")
 def test_dashboard_in_headless_chromium(site, tmp_path):
     from PIL import Image

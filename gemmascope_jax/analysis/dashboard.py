@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import shutil
 import string
 from collections.abc import Sequence
 from importlib import resources
@@ -88,10 +89,14 @@ def build_dashboard(
     latents: int | Sequence[int | str] | None = None,
     progress: bool = True,
     force: bool = False,
+    card: str | Path | None = None,
 ) -> Path:
     """Write the site for `dictionary` from the corpus scan `ex` into the folder `out`
     atomically; returns the path of `index.html`. An earlier dashboard in `out` is replaced;
-    any other non-empty `out` raises FileExistsError unless `force`."""
+    any other non-empty `out` raises FileExistsError unless `force`. `card`: the dictionary's
+    quality card folder (`evaluate`, or a run's report/cards/NAME), copied into `out/card`
+    and linked from the index with its headline numbers."""
+    card_line = _card_line(card) if card is not None else ""
     d = checked_dictionary(model, dictionary)
     if ex.num_latents != d.cfg.total_width:
         raise ValueError(
@@ -111,6 +116,11 @@ def build_dashboard(
         for name in ASSETS:
             (tmp / "assets" / name).write_text(_template(name))
         ex.save(tmp / "max_examples")
+        if card is not None:
+            (tmp / "card").mkdir()
+            for path in sorted(Path(card).iterdir()):
+                if path.name in CARD_FILES or path.suffix == ".png":
+                    shutil.copy2(path, tmp / "card" / path.name)
         entries, rows = [], []
         pages = _progress(chosen, progress)
         plotter = _HistogramPlotter(ex.hist_edges)
@@ -137,10 +147,40 @@ def build_dashboard(
                     f"examples each ({ex.left} tokens left, {ex.right} right)."
                 ),
                 selection=html.escape(_selection_note(latents, len(chosen))),
+                card=card_line,
                 rows="\n".join(rows),
             )
         )
     return Path(out) / "index.html"
+
+
+CARD_FILES = ("card.json", "card.md")
+
+
+def _card_line(card: str | Path) -> str:
+    """The index's line for a quality card folder: a link and the headline numbers."""
+    path = Path(card) / "card.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        gs, core = data["gemma_scope"], data["saebench_core"]
+        numbers = {
+            "FVU": gs["fvu"],
+            "L0": gs["l0"],
+            "delta loss": gs.get("delta_loss"),
+            "ce_loss_score": core["model_performance_preservation"].get("ce_loss_score"),
+            "dead": gs.get("dead_fraction"),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a quality card ({type(e).__name__}: {e})") from e
+    shown = ", ".join(
+        f"{name} {value:.3g}" for name, value in numbers.items() if isinstance(value, int | float)
+    )
+    tokens = data.get("data", {}).get("tokens")
+    on = f" on {tokens} held-out tokens" if tokens else ""
+    return (
+        f'<p class="meta">Quality card: <a href="card/card.md">card.md</a> '
+        f'(<a href="card/card.json">card.json</a>){html.escape(on)}: {html.escape(shown)}.</p>'
+    )
 
 
 def _selection_note(latents, n: int) -> str:
@@ -314,6 +354,8 @@ def _dashboard_cli(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     check_replaceable(args.out, force=args.force, replace_ours=True)  # before the scan
+    if args.card is not None:
+        _card_line(args.card)  # a bad card fails before the scan too
     if importlib.util.find_spec("matplotlib") is None:
         raise FileNotFoundError(
             "the dashboard draws its histograms with matplotlib, which is not installed: "
@@ -342,7 +384,9 @@ def _dashboard_cli(args: argparse.Namespace) -> int:
         tokenizer=tok,
         total_batches=total,
     )
-    index = build_dashboard(model, tok, d, ex, args.out, latents=latents, force=args.force)
+    index = build_dashboard(
+        model, tok, d, ex, args.out, latents=latents, force=args.force, card=args.card
+    )
     print(f"scanned {ex.n_tokens} tokens in {time.perf_counter() - t0:.1f}s")
     print(f"dashboard: {index.resolve()}")
     return 0
@@ -374,5 +418,11 @@ def add_dashboard_parser(subparsers) -> None:
     )
     p.add_argument(
         "--force", action="store_true", help="replace an existing --out that is not a dashboard"
+    )
+    p.add_argument(
+        "--card",
+        default=None,
+        help="the dictionary's quality card folder (`evaluate`, or a run's report/cards/NAME): "
+        "copied in and linked from the index",
     )
     p.set_defaults(func=_dashboard_cli)
