@@ -262,6 +262,36 @@ def test_card_for_every_kind(tiny_model, tokens, tmp_path, kind):
     assert "skipped" in card["absorption"]  # no tokenizer here
 
 
+class _WordTokenizer:
+    """Each word of a prompt -> an id of the tiny vocabulary (BOS first)."""
+
+    def encode(self, text):
+        return [BOS_ID, *(4 + sum(map(ord, word)) % 500 for word in text.split())]
+
+    def decode(self, ids):
+        return " ".join(f"t{i}" for i in ids)
+
+
+def test_card_graph_scores(tiny_model, tokens, tmp_path, monkeypatch):
+    """Transcoders for every layer get circuit-tracer's graph scores; an SAE says why not."""
+    from gemmascope_jax.analysis import graph_quality
+
+    monkeypatch.setattr(graph_quality, "DEFAULT_PROMPTS", ("the cat sat on the mat",))
+    kinds, kw = _kinds(), {"tokenizer": _WordTokenizer(), "absorption": False}
+    card = write_card(kinds["transcoder_set"], tiny_model, tokens, tmp_path / "set", **kw)
+    scores = card["graph_scores"]
+    assert scores["n_prompts"] == 1
+    assert scores["per_prompt"][0]["prompt"] == "the cat sat on the mat"
+    for which in ("unpruned", "pruned"):
+        for name in ("replacement", "completeness"):
+            assert 0.0 <= scores[which][name]["min"] <= scores[which][name]["mean"] <= 1.0
+    assert "replacement (mean / min)" in (tmp_path / "set" / "card.md").read_text()
+    sae = write_card(kinds["sae"], tiny_model, tokens, tmp_path / "sae", **kw)
+    assert "not a replacement model" in sae["graph_scores"]["skipped"]
+    off = write_card(kinds["clt"], tiny_model, tokens, tmp_path / "off", graph_scores=False, **kw)
+    assert off["graph_scores"] == {"skipped": "disabled"}
+
+
 # ---- the command ------------------------------------------------------------------------------
 
 

@@ -12,6 +12,9 @@ such batches. The card holds:
   log10 feature-density histogram;
 - `absorption`: SAEBench's first-letter absorption, adapted to Gemma 3's vocabulary
   (`absorption.py`; SAEs and crosscoders, when a tokenizer is given);
+- `graph_scores`: circuit-tracer's replacement and completeness scores of attribution graphs
+  on fixed prompts, unpruned and pruned (`analysis.graph_quality`, docs/graph_scores.md;
+  transcoder sets and CLTs covering every layer, when a tokenizer is given);
 - `plots`: `frequency_histogram.png`, `fvu_per_layer.png` (multi-layer kinds),
   `absorption.png`.
 
@@ -135,6 +138,7 @@ def evaluate_card(
     absorption: bool = True,
     words_per_letter: int = 24,
     data_description: str = "",
+    graph_scores: bool = True,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """(card dict, feature density [ΣF]) of `dictionary` on `tokens` (see the module doc)."""
     t0 = time.perf_counter()
@@ -174,6 +178,7 @@ def evaluate_card(
         "gemma_scope": gs,
     }
     card["absorption"] = _absorption(t, model, tokenizer, absorption, words_per_letter)
+    card["graph_scores"] = _graph_scores(dictionary, model, tokenizer, graph_scores)
     card["seconds"] = round(time.perf_counter() - t0, 2)
     return card, density
 
@@ -193,6 +198,24 @@ def _absorption(t, model, tokenizer, enabled: bool, words_per_letter: int) -> di
     return first_letter_absorption(
         model, tokenizer, t.members[0], words_per_letter=words_per_letter
     )
+
+
+def _graph_scores(dictionary, model, tokenizer, enabled: bool) -> dict[str, Any]:
+    """Replacement / completeness over `graph_quality.DEFAULT_PROMPTS`, or why they were not
+    computed (they need transcoders for every layer: a replacement model)."""
+    if not enabled:
+        return {"skipped": "disabled"}
+    if tokenizer is None:
+        return {"skipped": "no tokenizer"}
+    from gemmascope_jax.analysis.replacement import check_transcoders
+
+    try:
+        check_transcoders(model.cfg, dictionary)
+    except ValueError as e:
+        return {"skipped": f"not a replacement model: {e}"}
+    from gemmascope_jax.analysis import graph_quality
+
+    return graph_quality.graph_quality(model, tokenizer, dictionary, graph_quality.DEFAULT_PROMPTS)
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -277,6 +300,22 @@ def render_markdown(card: dict[str, Any]) -> str:
             "",
             "![absorption](absorption.png)",
         ]
+    lines += ["", "## Attribution graphs (circuit-tracer's scores)", ""]
+    gr = card.get("graph_scores", {"skipped": "not computed"})
+    if "skipped" in gr:
+        lines.append(f"Not run: {gr['skipped']}.")
+    else:
+        lines += [
+            "| graphs | replacement (mean / min) | completeness (mean / min) |",
+            "|---|---|---|",
+        ]
+        for kind in ("unpruned", "pruned"):
+            rep, com = gr[kind]["replacement"], gr[kind]["completeness"]
+            lines.append(
+                f"| {kind} | {_fmt(rep['mean'])} / {_fmt(rep['min'])} | "
+                f"{_fmt(com['mean'])} / {_fmt(com['min'])} |"
+            )
+        lines += ["", f"Over {gr['n_prompts']} fixed prompts (docs/graph_scores.md)."]
     lines += ["", f"Evaluated in {card['seconds']} s.", ""]
     return "\n".join(lines)
 
@@ -389,6 +428,11 @@ def add_evaluate_parser(subparsers) -> None:
     p.add_argument("--out", default=None, help="card folder (default: ./card-NAME of DICT)")
     p.add_argument("--force", action="store_true", help="replace an --out folder we did not make")
     p.add_argument("--no-absorption", action="store_true", help="skip the absorption task")
+    p.add_argument(
+        "--no-graph-scores",
+        action="store_true",
+        help="skip the attribution-graph scores (transcoder sets and CLTs)",
+    )
     p.add_argument("--json", action="store_true", help="last line: the card as JSON")
     p.set_defaults(func=run_evaluate_cli)
 
@@ -457,6 +501,7 @@ def run_evaluate_cli(args) -> int:
         out,
         tokenizer=tok,
         absorption=not args.no_absorption,
+        graph_scores=not args.no_graph_scores,
         data_description=what,
         force=args.force,
     )
