@@ -7,7 +7,7 @@ TopK, BatchTopK and Matryoshka BatchTopK (k = the true L0, rounded) are trained 
 project's train step (`make_train_step`) and scored against the truth
 (`gemmascope_jax.evals.synthetic`: MCC, uniqueness, shrinkage, FVU, L0, dead fraction).
 
-    python scripts/eval_synthetic.py [--d 64 --n 256 --width 256 --steps 600 --batch 1024]
+    python scripts/eval_synthetic.py [--d 64 --n 256 --width 256 --steps 2000 --batch 512 --lr 3e-3]
 
 Prints a markdown table; writes `--out`/synthetic.png (MCC per run, and per-feature best
 |cos| against firing probability) and `--out`/synthetic.json.
@@ -59,10 +59,11 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--n", type=int, default=256, help="true features")
     ap.add_argument("--width", type=int, default=256, help="dictionary latents")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--b-dec-init", choices=("mean", "zero"), default="mean")
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--scenarios", default=None, help="comma list (default: all)")
     ap.add_argument("--out", type=Path, default=Path("out/synthetic"))
@@ -87,7 +88,8 @@ def main() -> None:
         t0 = time.perf_counter()
         out, d = train_on_synthetic(
             model, arch, width=args.width, l0=l0, steps=args.steps, batch_size=args.batch,
-            lr=args.lr, matryoshka=matry, seed=args.seed, on_step=lambda i, m: bar.update(1),
+            lr=args.lr, matryoshka=matry, seed=args.seed, b_dec_init=args.b_dec_init,
+            on_step=lambda i, m: bar.update(1),
         )  # fmt: skip
         out.update(scenario=s_name, arch=a_name, target_l0=l0, seconds=time.perf_counter() - t0)
         rows.append(out)
@@ -101,7 +103,7 @@ def main() -> None:
     print(
         f"\nD={args.d}, N={args.n} true features, width {args.width}, {args.steps} steps x "
         f"{args.batch} tokens = {args.steps * args.batch:,} tokens per run, lr {args.lr}, "
-        f"seed {args.seed}; {len(runs)} runs in {total:.0f} s\n"
+        f"seed {args.seed}, b_dec init {args.b_dec_init}; {len(runs)} runs in {total:.0f} s\n"
     )
     print("| scenario | dictionary | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))

@@ -215,6 +215,7 @@ def train_on_synthetic(
     matryoshka: bool = False,
     sparsity_warmup_frac: float = 0.2,
     seed: int = 0,
+    b_dec_init: str = "mean",
     eval_tokens: int = 16384,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> tuple[dict[str, float], object]:
@@ -222,8 +223,10 @@ def train_on_synthetic(
 
     `architecture` jumprelu (GS2: quadratic L0 penalty with target `l0`, λ warmed up over
     `sparsity_warmup_frac` of the steps), topk or batchtopk (k = `l0`); `matryoshka` adds the
-    default nested prefixes. Data are normalised to unit mean squared norm (GS2) and b_dec
-    starts at the data mean. Returns (metrics, trained Dictionary in normalised units).
+    default nested prefixes. Data are normalised to unit mean squared norm (GS2); b_dec starts
+    at the data mean (`b_dec_init="mean"`, SAELens `b_dec_init_method="mean"`) or at 0
+    ("zero", GS2).
+    Returns (metrics, trained Dictionary in normalised units).
     """
     rng = np.random.default_rng(seed + 1)
     probe, _ = model.sample(8192, rng)
@@ -243,7 +246,10 @@ def train_on_synthetic(
     )
     step = make_train_step([training])
     site = cfg.input_sites[0]
-    state = step.init(seed=seed, mean_batch={site: probe / scale})
+    if b_dec_init not in ("mean", "zero"):
+        raise ValueError(f"b_dec_init must be 'mean' or 'zero', got {b_dec_init!r}")
+    mean_batch = {site: probe / scale} if b_dec_init == "mean" else None
+    state = step.init(seed=seed, mean_batch=mean_batch)
     for i in range(steps):
         x, _ = model.sample(batch_size, rng)
         state, metrics = step(state, step.put_batch({site: x / scale}))
