@@ -95,6 +95,8 @@ def main() -> None:
         rows.append(out)
         cos = abs_cosines(np.asarray(d.w_dec[...]), model.features)
         per_feature[(s_name, a_name)] = (model.probs, cos.max(axis=0))
+        out["best_cos_per_feature"] = [round(float(c), 4) for c in cos.max(axis=0)]
+        out["firing_probability"] = [float(p) for p in model.probs]
     bar.close()
     total = time.perf_counter() - t_all
 
