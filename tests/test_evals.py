@@ -165,7 +165,8 @@ def test_zero_reconstruction_gives_positive_delta(model, tokens):
 
 
 def _ref_ce_kl(model, tokens, mask, interventions):
-    """CE/KL sums by hand from clean and patched logits (positions t >= first real + 1)."""
+    """CE/KL sums by hand from clean and patched logits (positions t >= first real + 1 whose
+    token is not <bos>)."""
     clean = np.asarray(model(tokens, attention_mask=mask).logits, np.float64)
     patched = np.asarray(model(tokens, attention_mask=mask, interventions=interventions).logits,
                          np.float64)  # fmt: skip
@@ -175,7 +176,7 @@ def _ref_ce_kl(model, tokens, mask, interventions):
     for b in range(tokens.shape[0]):
         first = np.argmax(valid[b])
         for t in range(first + 1, tokens.shape[1] - 1):
-            if not valid[b, t + 1]:
+            if not valid[b, t + 1] or tokens[b, t] == 2:
                 continue
             lp = {k: v[b, t] - np.log(np.sum(np.exp(v[b, t] - v[b, t].max()))) - v[b, t].max()
                   for k, v in (("clean", clean), ("spliced", patched))}  # fmt: skip
@@ -186,7 +187,7 @@ def _ref_ce_kl(model, tokens, mask, interventions):
     return ce["clean"] / count, ce["spliced"] / count, kl / count
 
 
-def test_sae_splice_matches_reference_and_keeps_bos_clean(model, tokens):
+def test_sae_splice_matches_reference_and_keeps_every_bos_clean(model, tokens):
     cfg = DictionaryConfig(kind="sae", architecture="jumprelu", d_in=D, d_out=D, width=96,
                            layers=(2,))  # fmt: skip
     d = random_dictionary(cfg, seed=1)
@@ -194,9 +195,10 @@ def test_sae_splice_matches_reference_and_keeps_bos_clean(model, tokens):
     mask[1, :3] = 0  # row 1 is left-padded: its BOS sits at position 3
     toks = tokens.copy()
     toks[1, :3], toks[1, 3] = 0, 2
+    toks[0, 9] = 2  # a packed row: a second document starts at 9 with its own BOS
     scale = 2.5
     first = np.argmax(mask, axis=1)
-    keep = (np.arange(toks.shape[1])[None] > first[:, None]) & (mask > 0)
+    keep = (np.arange(toks.shape[1])[None] > first[:, None]) & (mask > 0) & (toks != 2)
 
     def fn(x, keep=keep):
         return jnp.where(keep[..., None], d(x / scale) * scale, x)
@@ -206,6 +208,10 @@ def test_sae_splice_matches_reference_and_keeps_bos_clean(model, tokens):
     np.testing.assert_allclose([got["ce_clean"], got["ce_spliced"], got["kl"]], want, rtol=2e-5)
     all_pos = _ref_ce_kl(model, toks, mask, {"resid_post.2": lambda x: d(x / scale) * scale})
     assert abs(all_pos[1] - want[1]) > 1e-3  # splicing BOS too would have changed the loss
+    inner = keep | ((np.arange(toks.shape[1])[None] == 9) & (np.arange(3)[:, None] == 0))
+    mid_bos = _ref_ce_kl(model, toks, mask, {"resid_post.2": lambda x: jnp.where(
+        inner[..., None], d(x / scale) * scale, x)})  # fmt: skip
+    assert abs(mid_bos[1] - want[1]) > 1e-6  # so was splicing the mid-row BOS
 
 
 def test_error_term_restores_the_clean_run(model, tokens):

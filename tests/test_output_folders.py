@@ -271,7 +271,9 @@ def test_dashboard_without_matplotlib_says_what_to_install(tmp_path, capsys, mon
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
     )
-    args = argparse.Namespace(out=str(tmp_path / "new"), force=False, model=None, dictionary="x")
+    args = argparse.Namespace(
+        out=str(tmp_path / "new"), force=False, model=None, dictionary="x", card=None
+    )
     assert run_verb("dashboard", dashboard._dashboard_cli, args) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
 

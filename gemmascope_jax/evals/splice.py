@@ -9,8 +9,10 @@ output site of the dictionary replaced by the dictionary's prediction
     CLT                 mlp_out.l <- d(mlp_in.0..l)[l]   causal: later inputs see the
                                                        spliced residual stream
 
-Only positions after each row's first real token are spliced: BOS stays clean (GS2 neither
-trains nor splices on BOS). `use_error_term=True` adds the clean run's error
+Only real tokens after each row's first, and never a <bos>, are spliced: every BOS stays
+clean, the row's first and those that separate packed documents (GS2 neither trains nor
+splices on BOS; a BOS's residual is ~14x a token's norm at the 270M's `resid_post.9`).
+`use_error_term=True` adds the clean run's error
 `y_clean - d(x_clean)` to the prediction (for one site this reproduces the clean run
 exactly; for several sites it measures only the effect of upstream changes).
 `zero_ablation=True` also runs with the output sites zeroed, for the CE loss score.
@@ -38,14 +40,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmascope_jax.gemma3.tokenizer import BOS_ID
+
 _SUMS = ("ce_clean", "ce_spliced", "ce_zero", "kl", "count")
 
 
 def _keep_mask(tokens: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(valid [B, T], spliced [B, T]): real tokens, and real tokens after the row's first."""
+    """(valid [B, T], spliced [B, T]): real tokens, and real tokens after the row's first that
+    are not <bos>."""
     valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask != 0
     first = jnp.argmax(valid, axis=1)
-    spliced = valid & (jnp.arange(tokens.shape[1])[None, :] > first[:, None])
+    spliced = valid & (jnp.arange(tokens.shape[1])[None, :] > first[:, None]) & (tokens != BOS_ID)
     return valid, spliced
 
 

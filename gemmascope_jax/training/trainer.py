@@ -39,11 +39,13 @@ from gemmascope_jax.data.sources import (
 )
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.evals.metrics import evaluate
+from gemmascope_jax.evals.saebench import keep_mask
 from gemmascope_jax.evals.splice import splice_eval
 from gemmascope_jax.formats import save_dictionary
 from gemmascope_jax.formats.io import FormatError
 from gemmascope_jax.gemma3.loading import load_gemma3
 from gemmascope_jax.gemma3.sites import resolve_site, site_width
+from gemmascope_jax.gemma3.tokenizer import BOS_ID, PAD_ID
 from gemmascope_jax.sharding import lm_rules, make_mesh
 from gemmascope_jax.training.checkpoint import Checkpointer
 from gemmascope_jax.training.config import RunConfig
@@ -309,7 +311,9 @@ class _HeldoutEval:
 
             def pairs(d=d):
                 for t, a in zip(tokens, acts, strict=True):
-                    valid = np.asarray(t[:, 1:] != 0).reshape(-1)
+                    # the positions training uses: not <pad>, not a <bos> (the row's first is
+                    # already cut; packed documents are separated by more of them)
+                    valid = keep_mask(np.asarray(t[:, 1:]), ignore_ids=(PAD_ID, BOS_ID)).reshape(-1)
                     x, y = _stack(d.cfg, a, d.cfg.input_sites), _stack(d.cfg, a, d.cfg.output_sites)
                     yield x.reshape(-1, *x.shape[2:])[valid], y.reshape(-1, *y.shape[2:])[valid]
 
