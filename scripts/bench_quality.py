@@ -60,6 +60,7 @@ from gemmascope_jax.data.corpus import embedded_corpus  # noqa: E402
 from gemmascope_jax.data.pipeline import packed_tokens  # noqa: E402
 from gemmascope_jax.data.sources import split_documents  # noqa: E402
 from gemmascope_jax.dictionaries import DictionaryConfig, dictionary_class  # noqa: E402
+from gemmascope_jax.evals.saebench import keep_mask  # noqa: E402
 from gemmascope_jax.evals.splice import _ce, _keep_mask, _log_probs, _Splicer, splice_eval  # noqa: E402
 from gemmascope_jax.gemma3.tokenizer import BOS_ID, PAD_ID  # noqa: E402
 from gemmascope_jax.training import (  # noqa: E402
@@ -110,7 +111,7 @@ def capture(model, tok, docs, n_tokens: int, seed_offset: int, desc: str):
     while n < n_tokens:
         t = np.asarray(next(it))
         a = np.asarray(forward(jnp.asarray(t)).sites[SITE])[:, 1:]
-        valid = (t[:, 1:] != PAD_ID) & (t[:, 1:] != BOS_ID)  # as training: no <bos> at all
+        valid = keep_mask(t[:, 1:], ignore_ids=(PAD_ID, BOS_ID))  # as training: no <bos> at all
         acts.append(a[valid].astype(np.float32))
         batches.append(t)
         n += int(valid.sum())

@@ -202,6 +202,16 @@ def torch_fns(p, threads, cuda=False):
 # ---- sections ---------------------------------------------------------------------------------
 
 
+def _compiles(fn: Callable[[], object], what: str) -> bool:
+    """Run `fn` once (compile and warm up); on failure say why and return False."""
+    try:
+        fn()
+    except Exception as err:
+        print(f"({what} failed: {type(err).__name__}: {str(err)[:300]})")
+        return False
+    return True
+
+
 def run_table(
     title, layers, width, d_model, k, n_tokens, dtype, device, impls, rounds, threads, peer
 ):
@@ -220,19 +230,11 @@ def run_table(
                 fns["torch_embedding_bag"] = torch_fns(p, threads, cuda=peer == "cuda")
             except Exception as err:  # the peer is optional: report why it is missing
                 print(f"(torch embedding_bag unavailable at L = {n_layers}: {err!r})")
-        for name in list(fns):  # compile and warm up; a failure drops that part, not the run
-            for part, label in ((0, "forward"), (1, "forward+backward")):
-                try:
-                    fns[name][part]()
-                except Exception as err:
-                    print(
-                        f"({name} {label} failed at L = {n_layers}: {type(err).__name__}: "
-                        f"{str(err)[:300]})"
-                    )
-                    fns[name] = (None, None) if part == 0 else (fns[name][0], None)
-                    break
-            if fns[name][0] is None:
+        for name, (fwd_fn, both_fn) in list(fns.items()):  # a failure drops that part only
+            if not _compiles(fwd_fn, f"{name} forward at L = {n_layers}"):
                 del fns[name]
+            elif not _compiles(both_fn, f"{name} forward+backward at L = {n_layers}"):
+                fns[name] = (fwd_fn, None)
         fwd = time_alternating({n: f[0] for n, f in fns.items()}, rounds)
         both = time_alternating(
             {n: f[1] for n, f in fns.items() if f[1] is not None}, max(rounds // 2, 2)

@@ -31,16 +31,21 @@ CHROMIUM_FLAGS = (
 )
 
 
-@pytest.fixture(scope="module")
-def site(tiny_model, tmp_path_factory):
+def _sae_and_batches(seed: int, n_batches: int):
+    """A random JumpReLU SAE on the tiny model's layer 3 and [2, 24] token batches, BOS first."""
     cfg = DictionaryConfig(
         kind="sae", architecture="jumprelu", d_in=64, d_out=64, width=48, layers=(3,)
     )
-    d = random_dictionary(cfg, 0)
-    rng = np.random.RandomState(0)
-    batches = [rng.randint(4, 512, size=(2, 24)).astype(np.int32) for _ in range(3)]
+    rng = np.random.RandomState(seed)
+    batches = [rng.randint(4, 512, size=(2, 24)).astype(np.int32) for _ in range(n_batches)]
     for b in batches:
         b[:, 0] = 2
+    return random_dictionary(cfg, 0), batches
+
+
+@pytest.fixture(scope="module")
+def site(tiny_model, tmp_path_factory):
+    d, batches = _sae_and_batches(seed=0, n_batches=3)
     ex = scan_corpus(tiny_model, d, batches, top_n=5, left=4, right=2, progress=False)
     out = tmp_path_factory.mktemp("dash") / "site"
     index = build_dashboard(tiny_model, None, d, ex, out, latents=10, progress=False)
@@ -66,14 +71,7 @@ def test_dashboard_files_and_selection(site):
 def test_dashboard_links_the_quality_card(tiny_model, tmp_path):
     from gemmascope_jax.evals.card import write_card
 
-    cfg = DictionaryConfig(
-        kind="sae", architecture="jumprelu", d_in=64, d_out=64, width=48, layers=(3,)
-    )
-    d = random_dictionary(cfg, 0)
-    rng = np.random.RandomState(1)
-    batches = [rng.randint(4, 512, size=(2, 24)).astype(np.int32) for _ in range(2)]
-    for b in batches:
-        b[:, 0] = 2
+    d, batches = _sae_and_batches(seed=1, n_batches=2)
     card = write_card(d, tiny_model, batches, tmp_path / "card", absorption=False)
     ex = scan_corpus(tiny_model, d, batches, top_n=3, left=2, right=1, progress=False)
     index = build_dashboard(

@@ -58,7 +58,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=20, help="latents reported")
 
 
-def _run(verb: str, body: Callable[[argparse.Namespace], list[Path]]):
+def _run(body: Callable[[argparse.Namespace], list[Path]]):
     """Wrap a verb: print what it wrote (bad input raises; `gemmascope_jax.cli` reports it)."""
 
     def handler(args: argparse.Namespace) -> int:
@@ -159,7 +159,7 @@ def add_refusal_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-prompts", type=int, default=None, help="first N prompts of each set")
     p.add_argument("--n-eval", type=int, default=8, help="harmful prompts generated (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.set_defaults(func=_run("refusal", _refusal))
+    p.set_defaults(func=_run(_refusal))
     return p
 
 
@@ -217,7 +217,7 @@ def add_jailbreak_parser(subparsers) -> argparse.ArgumentParser:
         help=f"one of {', '.join(WRAPPERS)}, or a template with {{prompt}}",
     )
     p.add_argument("--plain", action="store_true", help="no chat template")
-    p.set_defaults(func=_run("jailbreak", _jailbreak))
+    p.set_defaults(func=_run(_jailbreak))
     return p
 
 
@@ -285,5 +285,5 @@ def add_cot_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--marker", default=DEFAULT_MARKER, help="text that starts the answer")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--max-answer-tokens", type=int, default=16)
-    p.set_defaults(func=_run("cot", _cot))
+    p.set_defaults(func=_run(_cot))
     return p

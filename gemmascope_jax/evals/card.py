@@ -393,7 +393,7 @@ def write_card(
     The folder is written whole or not at all; an existing one is replaced only when an
     earlier card (any output of this package) made it, or with `force`, checked before the
     evaluation runs."""
-    from gemmascope_jax.formats.io import atomic_output_dir, check_replaceable
+    from gemmascope_jax.output_folders import atomic_output_dir, check_replaceable
 
     out_dir = Path(out_dir)
     check_replaceable(out_dir, force=force, replace_ours=True)
@@ -472,7 +472,7 @@ def _source(args, model, tok):
 
 def run_evaluate_cli(args) -> int:
     """Handler of `evaluate`; bad input raises (printed by `gemmascope_jax.cli`, exit 2)."""
-    from gemmascope_jax.formats.io import check_replaceable
+    from gemmascope_jax.output_folders import check_replaceable
 
     if args.tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise EvaluateError("--tokens, --batch-size must be >= 1 and --seq-len >= 2")

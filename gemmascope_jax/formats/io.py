@@ -1,9 +1,5 @@
 """Shared reading and writing rules for every dictionary format.
 
-- `atomic_output_dir`, `atomic_output_file`, `check_replaceable`, `created_by_us`,
-  `OUTPUT_MARKER`: the output-folder rules, defined on the lowest floor in
-  `gemmascope_jax.output_folders` (the model's `save_gemma3` uses them too) and re-exported
-  here for existing importers.
 - `TensorReader`: read tensors from one safetensors file, checking name, shape, dtype and
   finiteness, and naming the file and tensor in every error.
 """
@@ -17,13 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from gemmascope_jax.output_folders import (  # noqa: F401 - re-exported
-    OUTPUT_MARKER,
-    atomic_output_dir,
-    atomic_output_file,
-    check_replaceable,
-    created_by_us,
-)
 from gemmascope_jax.safetensors_io import SafetensorsFile
 
 
