@@ -54,19 +54,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from gemmascope_jax.formats.io import FormatError, TensorReader, path_inside
+from gemmascope_jax.gemma3.sites import circuit_tracer_hook, circuit_tracer_kind
 from gemmascope_jax.safetensors_io import write_safetensors
 
 NAME = "circuit-tracer"
 CONFIG_FILE = "config.yaml"
 MODEL_KINDS = ("transcoder_set", "cross_layer_transcoder")
-# circuit-tracer feature hooks (after `blocks.{L}.`) <-> our site kinds.
-INPUT_HOOKS = {"mlp.hook_in": "mlp_in", "hook_resid_mid": "resid_mid"}
-OUTPUT_HOOKS = {"hook_mlp_out": "mlp_out"}
-UNSUPPORTED_HOOKS = {
-    "ln2.hook_normalized": "the pre-feedforward norm output before its (1 + w) gain (Gemma "
-    "Scope 1 transcoders), which is not a gemmascope-jax site; fold the gain into the encoder "
-    "and use mlp.hook_in",
-}
 _OUR_KEYS = ("l0_target", "matryoshka_widths", "extra")
 
 
@@ -125,19 +118,17 @@ def _read_config(path: Path) -> dict[str, Any]:
                 "'gemma-scope-2'"
             )
     config["_sites"] = (
-        _site(file, "feature_input_hook", config["feature_input_hook"], INPUT_HOOKS),
-        _site(file, "feature_output_hook", config["feature_output_hook"], OUTPUT_HOOKS),
+        _site(file, "feature_input_hook", config["feature_input_hook"], "input"),
+        _site(file, "feature_output_hook", config["feature_output_hook"], "output"),
     )
     return config
 
 
-def _site(file: Path, key: str, hook: Any, table: dict[str, str]) -> str:
-    hook = re.sub(r"^blocks\.\d+\.", "", str(hook))
-    if hook in table:
-        return table[hook]
-    if hook in UNSUPPORTED_HOOKS:
-        raise FormatError(f"{file}: {key} {hook!r} is unsupported: it is {UNSUPPORTED_HOOKS[hook]}")
-    raise FormatError(f"{file}: {key} {hook!r} is not supported; expected one of {list(table)}")
+def _site(file: Path, key: str, hook: Any, what: str) -> str:
+    try:
+        return circuit_tracer_kind(hook, what)
+    except ValueError as e:
+        raise FormatError(f"{file}: {key} {e}") from None
 
 
 def _layer_indices(path: Path, pattern: str, config: dict) -> list[int]:
@@ -348,17 +339,6 @@ def save(obj, out_dir: Path, *, progress: bool = False) -> None:
         )
 
 
-def _hook(kind: str, table: dict[str, str], what: str) -> str:
-    for hook, ours in table.items():
-        if ours == kind:
-            return hook
-    raise ValueError(
-        f"circuit-tracer has no feature {what} hook for site {kind!r} (supported: "
-        + ", ".join(f"{ours} -> {hook}" for hook, ours in table.items())
-        + ")"
-    )
-
-
 def _check_exportable(cfg, what: str) -> None:
     if cfg.architecture not in ("jumprelu", "relu"):
         raise ValueError(
@@ -399,8 +379,8 @@ def _ours(cfg) -> dict[str, Any]:
 
 
 def _save_set(tset, out_dir: Path, progress: bool) -> None:
-    in_hook = _hook(tset.input_site, INPUT_HOOKS, "input")
-    out_hook = _hook(tset.output_site, OUTPUT_HOOKS, "output")
+    in_hook = circuit_tracer_hook(tset.input_site, "input")
+    out_hook = circuit_tracer_hook(tset.output_site, "output")
     if len(set(tset.widths)) != 1:
         raise ValueError(
             f"circuit-tracer needs one width for all layers, got {sorted(set(tset.widths))}"
@@ -450,8 +430,8 @@ def _save_clt(clt, out_dir: Path, progress: bool) -> None:
     sites = {s.kind for s in cfg.input_site_objects}, {s.kind for s in cfg.output_site_objects}
     if len(sites[0]) != 1 or len(sites[1]) != 1:
         raise ValueError(f"CLT mixes site kinds {sites}; circuit-tracer names one hook of each")
-    in_hook = _hook(sites[0].pop(), INPUT_HOOKS, "input")
-    out_hook = _hook(sites[1].pop(), OUTPUT_HOOKS, "output")
+    in_hook = circuit_tracer_hook(sites[0].pop(), "input")
+    out_hook = circuit_tracer_hook(sites[1].pop(), "output")
     clt = _folded(clt)
     for i in tqdm(range(n_layers), desc="saving", unit="layer", disable=not progress):
         enc = {

@@ -74,7 +74,7 @@ from typing import Any
 import numpy as np
 
 from gemmascope_jax.formats.io import FormatError, TensorReader, read_json, write_json
-from gemmascope_jax.gemma3.sites import Site, hf_hook_point, resolve_site
+from gemmascope_jax.gemma3.sites import Site, hf_hook_point, resolve_site, tl_hook_name
 from gemmascope_jax.safetensors_io import write_safetensors
 
 NAME = "saelens"
@@ -97,17 +97,6 @@ _IMPORT = {
 _EXPORT = {v: k for k, v in _IMPORT.items()}
 _TRANSCODER_KINDS = ("transcoder", "skip_transcoder")
 
-# our site kind -> TransformerLens hook (after `blocks.{L}.`), as SAELens writes hook_name
-_TL_HOOKS = {
-    "resid_pre": "hook_resid_pre",
-    "attn_z": "attn.hook_z",
-    "attn_out": "hook_attn_out",
-    "resid_mid": "hook_resid_mid",
-    "mlp_in": "hook_mlp_in",
-    "mlp_hidden": "mlp.hook_post",
-    "mlp_out": "hook_mlp_out",
-    "resid_post": "hook_resid_post",
-}
 _NORMALIZE_MODES = (
     "none",
     "expected_average_only_in",
@@ -469,14 +458,6 @@ def save(obj, out_dir: Path, *, progress: bool = False) -> None:
         cfg_json["d_out"] = cfg.d_out
     cfg_json["architecture"] = arch
     write_json(out_dir / CFG_FILENAME, cfg_json)
-
-
-def tl_hook_name(site: Site) -> str:
-    """The hook name SAELens metadata uses for `site` (TransformerLens name when one exists,
-    else the transformers hook string); `resolve_site` maps it back to `site`."""
-    if site.kind in _TL_HOOKS and site.layer is not None:
-        return f"blocks.{site.layer}.{_TL_HOOKS[site.kind]}"
-    return hf_hook_point(site)
 
 
 def _metadata(cfg) -> dict[str, Any]:

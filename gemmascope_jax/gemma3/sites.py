@@ -70,7 +70,8 @@ _HF_LAYER_PATHS = {
 }
 # TransformerLens / SAELens / circuit-tracer hook names (after `blocks.{L}.`) -> site kind.
 # `hook_mlp_in` follows SAELens' Gemma Scope 2 configs, which use it for the transcoder input
-# (the pre-feedforward norm output), not TransformerLens' un-normalised resid_mid.
+# (the pre-feedforward norm output), not TransformerLens' un-normalised resid_mid. Where two
+# names share a kind, the first is the one we write (`tl_hook_name`).
 _TL_LAYER_HOOKS = {
     "hook_resid_pre": "resid_pre",
     "attn.hook_pattern": "attn_pattern",
@@ -93,6 +94,29 @@ _GLOBAL_ALIASES = {
     "logits": ("logits", None),
 }
 _PREFIXES = ("model.language_model.", "language_model.model.")
+# circuit-tracer's feature hooks (its nnsight mapping for Gemma 3), a subset of _TL_LAYER_HOOKS:
+# the hooks a transcoder may read ("input") and write ("output").
+_CT_HOOKS = {"input": ("mlp.hook_in", "hook_resid_mid"), "output": ("hook_mlp_out",)}
+_CT_UNSUPPORTED_HOOKS = {
+    "ln2.hook_normalized": "the pre-feedforward norm output before its (1 + w) gain (Gemma "
+    "Scope 1 transcoders), which is not a gemmascope-jax site; fold the gain into the encoder "
+    "and use mlp.hook_in",
+}
+
+
+def _first_names(table: dict[str, str]) -> dict[str, str]:
+    """Invert a name -> site kind table: kind -> the first name listed for it."""
+    inverse: dict[str, str] = {}
+    for name, kind in table.items():
+        inverse.setdefault(kind, name)
+    return inverse
+
+
+# site kind -> the name we write: the transformers path of `hf_hook_point` and the
+# TransformerLens hook of `tl_hook_name` (SAELens' `hook_name`; no attn_pattern, which no
+# dictionary reads).
+_HF_NAMES = _first_names(_HF_LAYER_PATHS)
+_TL_NAMES = {k: h for k, h in _first_names(_TL_LAYER_HOOKS).items() if k != "attn_pattern"}
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -172,23 +196,49 @@ def site_width(site: Site, cfg) -> int:
 
 def hf_hook_point(site: Site) -> str:
     """The Gemma Scope 2 / transformers hook string for a site (`.input`/`.output` suffix)."""
-    canonical = {
-        "resid_pre": "input",
-        "attn_in": "input_layernorm.output",
-        "attn_z": "self_attn.o_proj.input",
-        "attn_proj": "self_attn.o_proj.output",
-        "attn_out": "post_attention_layernorm.output",
-        "resid_mid": "pre_feedforward_layernorm.input",
-        "mlp_in": "pre_feedforward_layernorm.output",
-        "mlp_hidden": "mlp.down_proj.input",
-        "mlp_proj": "mlp.down_proj.output",
-        "mlp_out": "post_feedforward_layernorm.output",
-        "resid_post": "output",
-    }
     if site.kind == "final_norm":
         return "model.norm.output"
     if site.kind == "logits":
         return "lm_head.output"
-    if site.kind not in canonical:
+    if site.kind not in _HF_NAMES:
         raise ValueError(f"site {site.name!r} has no transformers hook point")
-    return f"model.layers.{site.layer}.{canonical[site.kind]}"
+    return f"model.layers.{site.layer}.{_HF_NAMES[site.kind]}"
+
+
+def tl_hook_name(site: Site) -> str:
+    """The hook name SAELens metadata uses for `site` (TransformerLens name when one exists,
+    else the transformers hook string); `resolve_site` maps it back to `site`."""
+    if site.kind in _TL_NAMES and site.layer is not None:
+        return f"blocks.{site.layer}.{_TL_NAMES[site.kind]}"
+    return hf_hook_point(site)
+
+
+def circuit_tracer_kind(hook: str, what: str) -> str:
+    """The site kind of circuit-tracer's feature `what` ("input" or "output") hook, given with
+    or without `blocks.L.`; ValueError (starting with the hook) for any other hook."""
+    table = _ct_hooks(what)
+    hook = re.sub(r"^blocks\.\d+\.", "", str(hook))
+    if hook in table:
+        return table[hook]
+    if hook in _CT_UNSUPPORTED_HOOKS:
+        raise ValueError(f"{hook!r} is unsupported: it is {_CT_UNSUPPORTED_HOOKS[hook]}")
+    raise ValueError(f"{hook!r} is not supported; expected one of {list(table)}")
+
+
+def circuit_tracer_hook(kind: str, what: str) -> str:
+    """circuit-tracer's feature `what` ("input" or "output") hook suffix for a site kind;
+    ValueError naming the supported ones otherwise."""
+    table = _ct_hooks(what)
+    for hook, ours in table.items():
+        if ours == kind:
+            return hook
+    raise ValueError(
+        f"circuit-tracer has no feature {what} hook for site {kind!r} (supported: "
+        + ", ".join(f"{ours} -> {hook}" for hook, ours in table.items())
+        + ")"
+    )
+
+
+def _ct_hooks(what: str) -> dict[str, str]:
+    """circuit-tracer's feature `what` hooks -> site kind."""
+    return {h: _TL_LAYER_HOOKS[h] for h in _CT_HOOKS[what]}
