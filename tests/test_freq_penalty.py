@@ -10,7 +10,7 @@ import pytest
 
 from gemmascope_jax.dictionaries import DictionaryConfig
 from gemmascope_jax.training import DictionaryTraining, LossConfig, OptimizerConfig, make_train_step
-from gemmascope_jax.training.config import TrainConfig
+from gemmascope_jax.training.config_sections import TrainConfig
 from gemmascope_jax.training.losses import freq_step
 
 

@@ -11,12 +11,12 @@ import pytest
 from gemmascope_jax.gemma3.config import preset
 from gemmascope_jax.training.config import (
     ConfigError,
-    MeshConfig,
     RunConfig,
     apply_overrides,
     load_config,
     parse_value,
 )
+from gemmascope_jax.training.config_sections import MeshConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO = CONFIGS / "demo.yaml"

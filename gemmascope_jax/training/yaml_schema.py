@@ -5,7 +5,8 @@ that turns a plain mapping into nested frozen dataclasses, reporting every probl
     cfg = build_checked(MyConfig, raw)  # MyConfig: frozen dataclasses, bounds via `field`
 
 Why a module of its own: this machinery knows nothing about training runs (their schema and
-semantic checks are `training.config`), so it is read, tested and reused apart from them.
+semantic checks are `training.config` and its `config_sections` / `config_checks`), so it is
+read, tested and reused apart from them.
 
 - `read_yaml`: a file may name `extends: base.yaml` (or a list; paths relative to the file);
   the bases are merged first, mappings key by key, lists replaced whole; cycles are errors.
