@@ -27,8 +27,9 @@ from gemmascope_jax.formats import (
     load_dictionary,
     save_dictionary,
 )
-from gemmascope_jax.formats import gemma_scope_2 as gs2
 from gemmascope_jax.formats.convert import add_convert_parser
+from gemmascope_jax.formats.gemma_scope_2 import read as gs2_read
+from gemmascope_jax.formats.gemma_scope_2 import write as gs2_write
 from gemmascope_jax.formats.io import FormatError
 
 D, F = 16, 32  # d_model, latents per layer
@@ -248,7 +249,7 @@ def test_multi_layer_matches_gs2_formulas(tmp_path, kind, affine, config):
 
 def test_clt_nonzero_upstream_blocks_warn_and_are_dropped(tmp_path):
     folder, files, _ = make_multi(tmp_path, "clt", config=False, affine=False, upstream=0.5)
-    with pytest.warns(gs2.UpstreamDecoderWarning, match="params_layer_1.safetensors"):
+    with pytest.warns(gs2_read.UpstreamDecoderWarning, match="params_layer_1.safetensors"):
         d = load_dictionary(folder)
     causal = [dict(t, w_dec=t["w_dec"].copy()) for t in files]
     for i, t in enumerate(causal):
@@ -413,8 +414,8 @@ def test_save_refuses_existing_output_and_cleans_up_failures(tmp_path, monkeypat
             raise OSError("disk full (simulated)")
         real(path, tensors, metadata)
 
-    real = gs2.write_safetensors
-    monkeypatch.setattr(gs2, "write_safetensors", fail_on_second)
+    real = gs2_write.write_safetensors
+    monkeypatch.setattr(gs2_write, "write_safetensors", fail_on_second)
     with pytest.raises(OSError, match="disk full"):
         save_dictionary(d, tmp_path / "fresh", "gs2")
     with pytest.raises(OSError, match="disk full"):

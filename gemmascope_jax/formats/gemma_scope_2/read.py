@@ -1,57 +1,11 @@
-"""Gemma Scope 2 folders (docs/formats.md): import and export.
-
-Single-layer folder (SAE, transcoder, `_affine` skip-transcoder):
-
-    config.json          {"hf_hook_point_in", "hf_hook_point_out", "width", "model_name",
-                          "architecture": "jump_relu", "l0", "affine_connection",
-                          "type": "sae" | "transcoder"}
-    params.safetensors   w_enc [d_in, F], b_enc [F], threshold [F], w_dec [F, d_out],
-                         b_dec [d_out], affine_skip_connection [d_in, d_out] (`_affine` only)
-
-    f = (pre > threshold) * relu(pre),  pre = x @ w_enc + b_enc
-    y = f @ w_dec + b_dec (+ x @ affine_skip_connection)
-
-Multi-layer folder (CLT `clt/width_262k_l0_medium[_affine]`, crosscoder
-`crosscoder/layer_7_13_17_22_width_262k_l0_medium`): one `params_layer_{i}.safetensors` per
-*source* layer i = 0..n-1 with w_enc [D, F], b_enc [F], threshold [F], b_dec [D] (the bias of
-output layer i), w_dec [F, n, D] (decoder to every layer, upstream blocks included) and
-optionally affine_skip_connection [D, D] (layer i -> layer i), plus a `config.json`.
-
-    y[lo] = sum_{li <= lo} f[li] @ w_dec_file_li[:, lo, :] + b_dec_file_lo (+ x[lo] @ A_lo)
-
-Decisions where the released files are not documented (also in docs/formats.md):
-
-- Upstream decoder blocks (`w_dec[:, :i, :]` of file i). A multi-layer dictionary is causal by
-  definition (source layer l writes layers >= l), which is how every loader uses it
-  (circuit-tracer slices `w_dec[:, i:, :]`). Export writes those blocks as exact zeros;
-  import checks them and, if any is non-zero, emits `UpstreamDecoderWarning` naming the files
-  and the largest magnitude, and drops them.
-- The number of source layers is the number of `params_layer_{i}` files (0..n-1, none may be
-  missing). Crosscoder layers come from `config.json` `layers`, else from the folder name
-  `layer_7_13_17_22_width_...`; CLT layers default to 0..n-1 (every model layer).
-- The multi-layer `config.json` is ours (the real one's contents are unverified): the
-  single-layer keys with `hf_hook_point_in/out` as lists (one string per layer), `width` the
-  total latent count F * n (the folder label: 1B "262k" = 10080 x 26), `type` `clt` or
-  `crosscoder`, plus `n_layers`, `layers` and `width_per_layer`. On import the file is
-  optional: a missing config.json, or missing keys, are inferred from the tensors, the folder
-  name (`gemma-scope-2-1b-pt` in an ancestor gives the model) and the kind's default sites;
-  a single hook string applies its site to every layer; `width` may be F * n or F.
-- GS2 is JumpReLU-only. Exporting `relu` writes threshold 0 (identical outputs);
-  `topk` / `batchtopk` raise: convert a BatchTopK dictionary first with
-  `Dictionary.to_jumprelu(x_calibration)`, which calibrates thresholds on activations.
-  A non-zero pre-encoder bias `b_pre` is folded into `b_enc` (same outputs).
-- Model depth (for sites and bounds) comes from `model_name` via the Gemma 3 presets; names
-  without `google/` or spelled `gemma-v3` are understood (as SAELens does).
-- Keys of config.json that this module does not know are kept in
-  `cfg.extra["gemma_scope_2_config"]` and written back on export.
-- Dtypes are preserved (the dictionary takes the dtype of `w_dec`).
-
-Multi-layer folders are read and written one `params_layer` file at a time.
+"""Reading Gemma Scope 2 folders into dictionaries: single-layer folders (SAE, transcoder,
+`_affine` skip-transcoder) and multi-layer ones (CLT, crosscoder), one `params_layer` file at
+a time. Every tensor is checked for shape, and config.json against the tensors; what the
+released files leave undocumented is decided as the package docstring says.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -60,102 +14,32 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gemmascope_jax.formats.io import FormatError, TensorReader, read_json, write_json
-from gemmascope_jax.safetensors_io import write_safetensors
-
-NAME = "gemma-scope-2"
-CONFIG_FILE = "config.json"
-PARAMS_FILE = "params.safetensors"
-LAYER_FILE = "params_layer_{}.safetensors"
-GS2_ARCHITECTURE = "jump_relu"
-EXTRA_KEY = "gemma_scope_2_config"
-SINGLE_KEYS = (
-    "hf_hook_point_in",
-    "hf_hook_point_out",
-    "width",
-    "model_name",
-    "architecture",
-    "l0",
-    "affine_connection",
-    "type",
+from gemmascope_jax.formats.gemma_scope_2.layout import (
+    CONFIG_FILE,
+    CROSSCODER_DIR_RE,
+    EXTRA_KEY,
+    FOLDER_SITES,
+    GS2_ARCHITECTURE,
+    LAYER_FILE,
+    LAYER_FILE_RE,
+    MULTI_KEYS,
+    PARAMS_FILE,
+    SINGLE_DIR_RE,
+    SINGLE_KEYS,
+    model_from_path,
+    model_num_layers,
 )
-MULTI_KEYS = (*SINGLE_KEYS, "n_layers", "layers", "width_per_layer")
+from gemmascope_jax.formats.io import FormatError, TensorReader, read_json
+
 _DTYPES = ("float32", "bfloat16", "float16")
-_LAYER_FILE_RE = re.compile(r"params_layer_(\d+)\.safetensors")
-_CROSSCODER_DIR_RE = re.compile(r"layer_(\d+(?:_\d+)+)_width_")
-_SINGLE_DIR_RE = re.compile(r"layer_(\d+)_width_")
-_REPO_RE = re.compile(r"gemma-scope-2-(\d+(?:\.\d+)?[mb])-(pt|it)\b")
 _UNKNOWN_DEPTH = 1 << 20
-# GS2 site folders -> (input, output) site kinds, for configs without hook strings.
-_FOLDER_SITES = {
-    "resid_post": ("resid_post", "resid_post"),
-    "attn_out": ("attn_z", "attn_z"),
-    "mlp_out": ("mlp_out", "mlp_out"),
-    "transcoder": ("mlp_in", "mlp_out"),
-}
 
 
 class UpstreamDecoderWarning(UserWarning):
     """A GS2 multi-layer file held non-zero decoder blocks to upstream layers (dropped)."""
 
 
-def detect(path: Path) -> bool:
-    path = Path(path)
-    single = (path / PARAMS_FILE).is_file() and (path / CONFIG_FILE).is_file()
-    return single or _is_multi(path)
-
-
-def _is_multi(path: Path) -> bool:
-    return path.is_dir() and any(_LAYER_FILE_RE.fullmatch(p.name) for p in path.iterdir())
-
-
-def load(path: Path, *, progress: bool = False):
-    path = Path(path)
-    if _is_multi(path):
-        return _load_multi(path, progress)
-    if (path / PARAMS_FILE).is_file():
-        return _load_single(path)
-    raise FormatError(
-        f"{path}: not a Gemma Scope 2 folder (no {PARAMS_FILE} + {CONFIG_FILE}, no "
-        f"{LAYER_FILE.format(0)})"
-    )
-
-
-def save(obj, out_dir: Path, *, progress: bool = False) -> None:
-    from gemmascope_jax.dictionaries import Dictionary
-
-    if not isinstance(obj, Dictionary):
-        raise TypeError(f"the Gemma Scope 2 format stores a Dictionary, got {type(obj).__name__}")
-    d = _gs2_compatible(obj)
-    if d.cfg.multilayer:
-        _save_multi(d, Path(out_dir), progress)
-    else:
-        _save_single(d, Path(out_dir))
-
-
-# ---- helpers shared by both layouts ----------------------------------------------------------
-
-
-def model_num_layers(model_name: str | None) -> int | None:
-    """Depth of the Gemma 3 model a GS2 `model_name` names (`google/gemma-3-1b-pt`,
-    `gemma-3-1b-it`, `gemma-v3-270m`), or None when it names no preset."""
-    from gemmascope_jax.gemma3.config import preset
-
-    if not isinstance(model_name, str):
-        return None
-    name = model_name.strip().lower().removeprefix("google/").replace("-v3", "-3")
-    try:
-        return preset(name).num_layers
-    except ValueError:
-        return None
-
-
-def _model_from_path(path: Path) -> str | None:
-    """`google/gemma-3-1b-pt` when a folder on the path is (a HF cache of) `gemma-scope-2-1b-pt`."""
-    for part in (path, *path.parents):
-        if m := _REPO_RE.search(part.name):
-            return f"google/gemma-3-{m[1]}-{m[2]}"
-    return None
+# ---- checks shared by both layouts ------------------------------------------------------------
 
 
 def _check_architecture(conf: dict, where: Path) -> None:
@@ -271,7 +155,7 @@ def _build(cfg, arrays: dict, where: Path):
 # ---- single-layer -----------------------------------------------------------------------------
 
 
-def _load_single(path: Path):
+def load_single(path: Path):
     conf_path = path / CONFIG_FILE
     conf = read_json(conf_path) if conf_path.is_file() else {}
     _check_architecture(conf, conf_path)
@@ -282,7 +166,7 @@ def _load_single(path: Path):
     f = _latents(reader, conf.get("width"), conf_path)
     d_in, d_out = _d_in(reader, f), _d_out(reader)
 
-    model_name = conf.get("model_name") or _model_from_path(path)
+    model_name = conf.get("model_name") or model_from_path(path)
     depth = model_num_layers(model_name)
     if "hf_hook_point_in" in conf:
         site_in = _resolve(conf["hf_hook_point_in"], "hf_hook_point_in", conf_path, depth)
@@ -291,12 +175,12 @@ def _load_single(path: Path):
         layer, kind_in, kind_out = site_in.layer, site_in.kind, site_out.kind
         site_names = (site_in.name,), (site_out.name,)
     else:  # no hooks: layer from `layer_{L}_width_...`, site from the parent `{site}[_all]`
-        m = _SINGLE_DIR_RE.match(path.name)
-        sites = _FOLDER_SITES.get(path.parent.name.removesuffix("_all"))
+        m = SINGLE_DIR_RE.match(path.name)
+        sites = FOLDER_SITES.get(path.parent.name.removesuffix("_all"))
         if m is None or sites is None:
             raise FormatError(
                 f"{conf_path}: no hf_hook_point_in, and the path {path} is not "
-                f"{{{'|'.join(_FOLDER_SITES)}}}[_all]/layer_{{L}}_width_...: cannot tell "
+                f"{{{'|'.join(FOLDER_SITES)}}}[_all]/layer_{{L}}_width_...: cannot tell "
                 "which site this dictionary reads"
             )
         layer, (kind_in, kind_out) = int(m[1]), sites
@@ -350,75 +234,11 @@ def _load_single(path: Path):
     return _build(cfg, arrays, reader.path)
 
 
-def _single_config(cfg) -> dict[str, Any]:
-    conf: dict[str, Any] = {
-        "hf_hook_point_in": cfg.hf_hook_points_in[0],
-        "hf_hook_point_out": cfg.hf_hook_points_out[0],
-        "width": cfg.width,
-        "model_name": cfg.model_name,
-        "architecture": GS2_ARCHITECTURE,
-        "l0": cfg.l0_target,
-        "affine_connection": bool(cfg.skip),
-        "type": "sae" if cfg.kind == "sae" else "transcoder",
-    }
-    return _with_extra(conf, cfg)
-
-
-def _with_extra(conf: dict, cfg) -> dict:
-    conf = {k: v for k, v in conf.items() if v is not None}
-    for key, value in (cfg.extra.get(EXTRA_KEY) or {}).items():
-        conf.setdefault(key, value)
-    return conf
-
-
-def _save_single(d, out_dir: Path) -> None:
-    a = d.arrays()
-    tensors = {
-        "w_enc": a["w_enc"],
-        "b_enc": a["b_enc"],
-        "threshold": a["threshold"],
-        "w_dec": a["w_dec"],
-        "b_dec": a["b_dec"],
-    }
-    if d.cfg.skip:
-        tensors["affine_skip_connection"] = a["w_skip"]
-    tensors = {k: np.asarray(v) for k, v in tensors.items()}
-    write_safetensors(out_dir / PARAMS_FILE, tensors, {"format": "pt"})
-    write_json(out_dir / CONFIG_FILE, _single_config(d.cfg))
-
-
-# ---- export preparation -----------------------------------------------------------------------
-
-
-def _gs2_compatible(d):
-    """`d` as a JumpReLU dictionary without pre-encoder bias (same outputs), or FormatError."""
-    cfg = d.cfg
-    if cfg.architecture == "relu":  # relu(pre) == 1[pre > 0] * relu(pre): threshold 0
-        arrays = d.arrays()
-        shape = (cfg.num_layers, cfg.width) if cfg.multilayer else (cfg.width,)
-        arrays["threshold"] = jnp.zeros(shape, cfg.param_dtype)
-        d = type(d).from_arrays(cfg.replace(architecture="jumprelu"), arrays)
-    elif cfg.architecture != "jumprelu":
-        hint = (
-            "convert it first with d.to_jumprelu(x_calibration), which calibrates per-latent "
-            "thresholds on activations"
-            if cfg.architecture == "batchtopk"
-            else "a TopK dictionary has no JumpReLU equivalent"
-        )
-        raise FormatError(
-            f"Gemma Scope 2 files hold JumpReLU dictionaries only; this {cfg.kind} is "
-            f"{cfg.architecture!r}: {hint} (or save it in the native or saelens format)"
-        )
-    if "b_pre" in (arrays := d.arrays()) and bool(jnp.any(arrays["b_pre"] != 0)):
-        d = d.fold_pre_encoder_bias()
-    return d
-
-
 # ---- multi-layer ------------------------------------------------------------------------------
 
 
 def _layer_files(path: Path) -> list[Path]:
-    found = {int(m[1]): p for p in path.iterdir() if (m := _LAYER_FILE_RE.fullmatch(p.name))}
+    found = {int(m[1]): p for p in path.iterdir() if (m := LAYER_FILE_RE.fullmatch(p.name))}
     n = max(found) + 1
     if missing := [LAYER_FILE.format(i) for i in range(n) if i not in found]:
         raise FormatError(
@@ -436,7 +256,7 @@ def _multi_kind(conf: dict, conf_path: Path, path: Path) -> str:
                 "files (types 'clt' or 'crosscoder')"
             )
         return kind
-    if _CROSSCODER_DIR_RE.match(path.name) or path.parent.name.startswith("crosscoder"):
+    if CROSSCODER_DIR_RE.match(path.name) or path.parent.name.startswith("crosscoder"):
         return "crosscoder"
     return "clt"
 
@@ -454,7 +274,7 @@ def _multi_layers(conf: dict, conf_path: Path, path: Path, kind: str, n: int):
                 f"file ({n})"
             )
         return tuple(layers), True
-    if m := _CROSSCODER_DIR_RE.match(path.name):
+    if m := CROSSCODER_DIR_RE.match(path.name):
         layers = tuple(int(x) for x in m[1].split("_"))
         if len(layers) != n:
             raise FormatError(
@@ -491,7 +311,7 @@ def _multi_sites(conf: dict, conf_path: Path, kind: str, layers: tuple, depth: i
     return out[0], out[1]
 
 
-def _load_multi(path: Path, progress: bool):
+def load_multi(path: Path, progress: bool):
     files = _layer_files(path)
     n = len(files)
     conf_path = path / CONFIG_FILE
@@ -499,7 +319,7 @@ def _load_multi(path: Path, progress: bool):
     _check_architecture(conf, conf_path)
     kind = _multi_kind(conf, conf_path, path)
     layers, stated = _multi_layers(conf, conf_path, path, kind, n)
-    model_name = conf.get("model_name") or _model_from_path(path)
+    model_name = conf.get("model_name") or model_from_path(path)
     depth = model_num_layers(model_name)
     if kind == "clt" and not stated and depth is not None and depth != n:
         raise FormatError(
@@ -579,42 +399,3 @@ def _load_multi(path: Path, progress: bool):
     arrays = {name: jnp.asarray(value) for name, value in stacked.items()}
     del stacked
     return _build(cfg, {**arrays, **decoders}, path)
-
-
-def _multi_config(cfg) -> dict[str, Any]:
-    conf: dict[str, Any] = {
-        "hf_hook_point_in": list(cfg.hf_hook_points_in),
-        "hf_hook_point_out": list(cfg.hf_hook_points_out),
-        "width": cfg.total_width,
-        "model_name": cfg.model_name,
-        "architecture": GS2_ARCHITECTURE,
-        "l0": cfg.l0_target,
-        "affine_connection": bool(cfg.skip),
-        "type": cfg.kind,
-        "n_layers": cfg.num_layers,
-        "layers": list(cfg.layers),
-        "width_per_layer": cfg.width,
-    }
-    return _with_extra(conf, cfg)
-
-
-def _save_multi(d, out_dir: Path, progress: bool) -> None:
-    cfg = d.cfg
-    n, f = cfg.num_layers, cfg.width
-    a = d.arrays()
-    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-    for i in tqdm(range(n), desc="saving Gemma Scope 2", unit="layer", disable=not progress):
-        w_dec = np.zeros((f, n, cfg.d_out), np_dtype)
-        w_dec[:, i:, :] = np.asarray(a[f"w_dec.{i}"])
-        tensors = {
-            "w_enc": np.asarray(a["w_enc"][i]),
-            "b_enc": np.asarray(a["b_enc"][i]),
-            "threshold": np.asarray(a["threshold"][i]),
-            "b_dec": np.asarray(a["b_dec"][i]),
-            "w_dec": w_dec,
-        }
-        if cfg.skip:
-            tensors["affine_skip_connection"] = np.asarray(a["w_skip"][i])
-        write_safetensors(out_dir / LAYER_FILE.format(i), tensors, {"format": "pt"})
-        del tensors, w_dec
-    write_json(out_dir / CONFIG_FILE, _multi_config(cfg))
