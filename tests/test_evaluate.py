@@ -18,7 +18,8 @@ from gemmascope_jax.dictionaries.registry import dictionary_class
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.evals import absorption as ab
 from gemmascope_jax.evals.card import write_card
-from gemmascope_jax.evals.saebench import core_metrics, keep_mask, max_cosine_sim
+from gemmascope_jax.evals.saebench import keep_mask, max_cosine_sim
+from gemmascope_jax.evals.saebench_run import core_metrics
 from gemmascope_jax.evals.splice import splice_eval
 from gemmascope_jax.gemma3.tokenizer import BOS_ID, EOS_ID, PAD_ID
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from gemmascope_jax.evals import saebench
+from gemmascope_jax.evals import saebench, saebench_run
 from gemmascope_jax.evals.card_render import fmt, json_safe, render_markdown, write_plots
 from gemmascope_jax.evals.metrics import DENSE_FREQUENCY, log10_frequency_histogram
 
@@ -148,7 +148,7 @@ def evaluate_card(
     t0 = time.perf_counter()
     check_compatible(dictionary, model)
     batches = _as_batches(tokens)
-    core, density = saebench.core_metrics(model, dictionary, batches)
+    core, density = saebench_run.core_metrics(model, dictionary, batches)
     t = saebench.as_target(dictionary)
     counts, edges, dead = log10_frequency_histogram(density)
     recon = core["reconstruction_quality"]
