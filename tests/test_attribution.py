@@ -372,7 +372,7 @@ class _IdTokenizer:
 def test_cli_attribute(plt_built, tiny_model, tmp_path, monkeypatch, capsys):
     import argparse
 
-    from gemmascope_jax.analysis import attribution_cli
+    from gemmascope_jax.cli import attribution as attribution_cli
     from gemmascope_jax.gemma3 import loading
 
     rep, graph = plt_built

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmascope_jax.analysis import chat_cli
 from gemmascope_jax.analysis.cot import (
     char_to_token_span,
     cot_from_response,
@@ -40,6 +39,7 @@ from gemmascope_jax.analysis.refusal import (
     refusal_direction,
     refusal_rate,
 )
+from gemmascope_jax.cli import chat as chat_cli
 from gemmascope_jax.cli import run_verb
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 
@@ -326,7 +326,7 @@ def cli_setup(real_model, tmp_path_factory, monkeypatch_module):
     d = random_dictionary(cfg, seed=0)
     path = tmp_path_factory.mktemp("chat") / "sae"
     save_dictionary(d, path, format="gemma-scope-2")
-    monkeypatch_module.setattr(chat_cli, "_load_model", lambda source: real_model)
+    monkeypatch_module.setattr(chat_cli, "load_model", lambda source: real_model)
     return path
 
 

@@ -1,4 +1,4 @@
-"""One CLI convention for every verb (gemmascope_jax/cli.py): bad input -> exit 2 and one line
+"""One CLI convention for every verb (gemmascope_jax/cli/): bad input -> exit 2 and one line
 `gemmascope-jax VERB: error: MESSAGE` on stderr that names what was wrong (a config's
 problems are listed under it), no traceback, and no output left behind. Each verb is run on a
 missing dictionary, a missing model and an unknown site (where it takes one)."""

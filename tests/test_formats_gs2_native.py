@@ -19,6 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from gemmascope_jax.cli import run_verb
+from gemmascope_jax.cli.convert import add_convert_parser
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.formats import (
     FORMATS,
@@ -27,7 +28,6 @@ from gemmascope_jax.formats import (
     load_dictionary,
     save_dictionary,
 )
-from gemmascope_jax.formats.convert import add_convert_parser
 from gemmascope_jax.formats.gemma_scope_2 import read as gs2_read
 from gemmascope_jax.formats.gemma_scope_2 import write as gs2_write
 from gemmascope_jax.formats.io import FormatError

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from gemmascope_jax.cli import run_verb
+from gemmascope_jax.cli.convert import add_convert_parser
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.formats import load_dictionary, save_dictionary
-from gemmascope_jax.formats.convert import add_convert_parser
 from gemmascope_jax.formats.io import FormatError, path_inside
 from gemmascope_jax.output_folders import OUTPUT_MARKER, atomic_output_dir, created_by_us
 
@@ -157,7 +157,7 @@ def test_max_examples_save_keeps_user_folders(tmp_path):
 
 
 def test_dashboard_refuses_a_user_folder_before_scanning(tmp_path, capsys, monkeypatch):
-    from gemmascope_jax.analysis import dashboard
+    from gemmascope_jax.cli.dashboard import dashboard_command
 
     user = _user_folder(tmp_path / "runs" / "demo")
     args = argparse.Namespace(out=str(user), force=False, model=None, dictionary="nowhere")
@@ -166,7 +166,7 @@ def test_dashboard_refuses_a_user_folder_before_scanning(tmp_path, capsys, monke
         raise AssertionError("loaded the model before checking --out")
 
     monkeypatch.setattr("gemmascope_jax.gemma3.loading.load_gemma3", fail)
-    assert run_verb("dashboard", dashboard._dashboard_cli, args) == 2
+    assert run_verb("dashboard", dashboard_command, args) == 2
     assert "did not create it" in capsys.readouterr().err and _intact(user)
 
 
@@ -265,7 +265,7 @@ def test_path_inside(tmp_path):
 def test_dashboard_without_matplotlib_says_what_to_install(tmp_path, capsys, monkeypatch):
     import importlib.util
 
-    from gemmascope_jax.analysis import dashboard
+    from gemmascope_jax.cli.dashboard import dashboard_command
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -274,7 +274,7 @@ def test_dashboard_without_matplotlib_says_what_to_install(tmp_path, capsys, mon
     args = argparse.Namespace(
         out=str(tmp_path / "new"), force=False, model=None, dictionary="x", card=None
     )
-    assert run_verb("dashboard", dashboard._dashboard_cli, args) == 2
+    assert run_verb("dashboard", dashboard_command, args) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
 
 

@@ -50,7 +50,6 @@ dictionaries go to `<finetune.dir>/report/summary.json` and the exports to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -680,33 +679,3 @@ def finetune_summary(result: FinetuneResult) -> str:
         {"steps": result.steps, "before": head(result.before), "after": head(result.after)},
         indent=2,
     )
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from gemmascope_jax.training.config import load_config
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config, args.overrides)
-    ft = cfg.finetune
-    print(
-        f"finetune {cfg.run.name}: beta {ft.beta:g}, {ft.steps} steps, from "
-        f"{ft.init_from or cfg.run.dir} -> {cfg.path(ft.dir)}"
-    )
-    result = run_finetune(cfg)
-    if result.stopped_early:
-        print(f"stopped at step {result.steps} (checkpoint saved); rerun to resume")
-        return 0
-    print(finetune_summary(result))
-    for name, paths in result.exports.items():
-        for fmt, path in paths.items():
-            print(f"export {name} [{fmt}]: {path}")
-    return 0
-
-
-def add_finetune_parser(sub) -> None:
-    p = sub.add_parser(
-        "finetune", help="end-to-end KL finetuning of a trained run's dictionaries (TR §2.4)"
-    )
-    p.add_argument("config", help="the run's YAML config, with a `finetune:` section")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.beta=2")
-    p.set_defaults(func=_cli)

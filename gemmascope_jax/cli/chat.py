@@ -7,7 +7,9 @@
 The model defaults to the embedded Gemma 3 270M. Files: `refusal.json`, `refusal_projection.png`,
 `refusal_aligned.png`, `refusal_rates.png` (with generation), `refusal_sweep.png`
 (`--layer-sweep`); `jailbreak.json`, `jailbreak_deltas.png`, `jailbreak_tokens.png`;
-`cot.json`, `cot_latents.png`, `cot_tokens.png`.
+`cot.json`, `cot_latents.png`, `cot_tokens.png`. The analyses are library code
+(`analysis.refusal.refusal_analysis`, `analysis.jailbreak.compare_jailbreak`,
+`analysis.cot.cot_generate` / `cot_from_response`); this module draws their plots.
 """
 
 from __future__ import annotations
@@ -19,16 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gemmascope_jax.cli._common import add_model_argument, load_model
 from gemmascope_jax.gemma3.sites import resolve_site
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
-
-
-def _load_model(source: str | None):
-    """(model, tokenizer) from `--model` (None: the embedded GGUF)."""
-    from gemmascope_jax.gemma3.loading import load_gemma3
-
-    return load_gemma3(source, progress=False)
 
 
 def _pyplot():
@@ -53,13 +49,13 @@ def _label(row: dict) -> str:
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dictionary", required=True, help="dictionary folder (any format)")
-    p.add_argument("--model", default=None, help="HF dir, hub id or .gguf (default: embedded)")
+    add_model_argument(p)
     p.add_argument("--out", required=True, help="folder for the JSON and PNG files")
     p.add_argument("--top-k", type=int, default=20, help="latents reported")
 
 
-def _run(body: Callable[[argparse.Namespace], list[Path]]):
-    """Wrap a verb: print what it wrote (bad input raises; `gemmascope_jax.cli` reports it)."""
+def _command(body: Callable[[argparse.Namespace], list[Path]]):
+    """Wrap a verb: print what it wrote (bad input raises; `run_verb` reports it)."""
 
     def handler(args: argparse.Namespace) -> int:
         written = body(args)
@@ -78,7 +74,7 @@ def _setup(args: argparse.Namespace, site: str | None = None):
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     d = load_dictionary(args.dictionary)
-    model, tok = _load_model(args.model)
+    model, tok = load_model(args.model)
     checked_dictionary(model, d)
     if site is not None:
         resolve_site(site, model.cfg.num_layers)
@@ -159,7 +155,7 @@ def add_refusal_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-prompts", type=int, default=None, help="first N prompts of each set")
     p.add_argument("--n-eval", type=int, default=8, help="harmful prompts generated (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.set_defaults(func=_run(_refusal))
+    p.set_defaults(func=_command(_refusal))
     return p
 
 
@@ -217,7 +213,7 @@ def add_jailbreak_parser(subparsers) -> argparse.ArgumentParser:
         help=f"one of {', '.join(WRAPPERS)}, or a template with {{prompt}}",
     )
     p.add_argument("--plain", action="store_true", help="no chat template")
-    p.set_defaults(func=_run(_jailbreak))
+    p.set_defaults(func=_command(_jailbreak))
     return p
 
 
@@ -285,5 +281,5 @@ def add_cot_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--marker", default=DEFAULT_MARKER, help="text that starts the answer")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--max-answer-tokens", type=int, default=16)
-    p.set_defaults(func=_run(_cot))
+    p.set_defaults(func=_command(_cot))
     return p

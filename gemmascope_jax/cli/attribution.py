@@ -1,15 +1,16 @@
-"""CLI verb `gemmascope-jax attribute`: the attribution graph of a prompt, written as
-circuit-tracer graph files (JSON for the viewer / Neuronpedia) and a PNG."""
+"""`gemmascope-jax attribute`: the attribution graph of a prompt, written as circuit-tracer
+graph files (JSON for the viewer / Neuronpedia) and a PNG.
+
+The library behind it: `analysis.replacement.ReplacementModel`, `analysis.attribution.attribute`
+and `analysis.graph.write_graph_files`.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from gemmascope_jax.analysis.attribution import attribute
-from gemmascope_jax.analysis.graph import write_graph_files
-from gemmascope_jax.analysis.replacement import ReplacementModel
-from gemmascope_jax.dictionaries.sets import TranscoderSet
+from gemmascope_jax.cli._common import load_model
 
 
 def add_attribute_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,17 +56,20 @@ def add_attribute_parser(subparsers) -> argparse.ArgumentParser:
         help="memory budget of the edge rows (default: 80%% of the available memory less the "
         "batch buffers); when full, the graph keeps the features visited so far",
     )
-    p.set_defaults(func=run_attribute)
+    p.set_defaults(func=attribute_command)
     return p
 
 
-def run_attribute(args: argparse.Namespace) -> int:
+def attribute_command(args: argparse.Namespace) -> int:
     """Handler of `attribute`; prints the written paths, errors to stderr."""
+    from gemmascope_jax.analysis.attribution import attribute
+    from gemmascope_jax.analysis.graph import write_graph_files
+    from gemmascope_jax.analysis.replacement import ReplacementModel
+    from gemmascope_jax.dictionaries.sets import TranscoderSet
     from gemmascope_jax.formats.sets import load_transcoder_set
-    from gemmascope_jax.gemma3.loading import load_gemma3
 
     transcoders = load_transcoder_set(args.transcoders)
-    model, tok = load_gemma3(args.model, progress=False)
+    model, tok = load_model(args.model)
     tokens = tok.encode(args.prompt)
     rep = ReplacementModel.build(model, transcoders, tokens)
     scan = (

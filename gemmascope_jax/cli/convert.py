@@ -6,7 +6,7 @@ such as `gs2`). OUT is written atomically: an existing OUT is refused unless `--
 failed conversion leaves no OUT behind. Exit status 0 on success, 1 on a bad input or an
 existing output (the message names the file and tensor), 2 on bad arguments.
 
-The CLI registers it with `add_convert_parser(subparsers)`.
+The library calls behind it: `formats.load_dictionary` and `formats.save_dictionary`.
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_convert)
+    p.set_defaults(func=convert_command)
     return p
 
 
-def run_convert(args: argparse.Namespace) -> int:
-    """Handler of `convert`; prints one summary line (errors: `gemmascope_jax.cli`)."""
+def convert_command(args: argparse.Namespace) -> int:
+    """Handler of `convert`; prints one summary line (errors: `cli._common.run_verb`)."""
     src, out = Path(args.input), Path(args.output)
     progress = not getattr(args, "no_progress", False)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
