@@ -7,13 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmascope_jax.analysis.features import (
-    dictionary_inputs,
-    logit_lens,
-    logit_lens_table,
-    site_forward,
-    top_features,
-)
+from gemmascope_jax.analysis.common import dictionary_inputs, site_forward
+from gemmascope_jax.analysis.features import top_features
+from gemmascope_jax.analysis.logit_lens import logit_lens, logit_lens_table
 from gemmascope_jax.analysis.max_examples import HIST_EDGES, MaxExamples, scan_corpus
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.formats import load_dictionary, save_dictionary

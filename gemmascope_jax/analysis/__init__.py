@@ -22,13 +22,7 @@ from gemmascope_jax.analysis.attribution import attribute, select_logits
 from gemmascope_jax.analysis.common import check_dictionary, check_latents
 from gemmascope_jax.analysis.cot import CoTView, cot_from_response, cot_generate, cot_view
 from gemmascope_jax.analysis.dashboard import build_dashboard
-from gemmascope_jax.analysis.features import (
-    FeatureReport,
-    LogitLens,
-    logit_lens,
-    logit_lens_table,
-    top_features,
-)
+from gemmascope_jax.analysis.features import FeatureReport, top_features
 from gemmascope_jax.analysis.graph import (
     AttributionGraph,
     graph_json,
@@ -41,6 +35,7 @@ from gemmascope_jax.analysis.jailbreak import (
     compare_jailbreak,
     jailbreak_diff,
 )
+from gemmascope_jax.analysis.logit_lens import LogitLens, logit_lens, logit_lens_table
 from gemmascope_jax.analysis.max_examples import MaxExamples, corpus_batches, scan_corpus
 from gemmascope_jax.analysis.refusal import (
     REFUSAL_PHRASES,

@@ -5,6 +5,11 @@ clear `ValueError` before any compute:
 
     check_dictionary(model.cfg, d)        # site layers in range, d_in/d_out equal the model's
     check_latents(d, [123, 7])            # ids in [0, width)
+    d = checked_dictionary(model, d)      # one Dictionary (not a set) that fits the model
+
+and the conversions every tool makes on the way to a dictionary's latents: the captured
+forward (`site_forward`), the dictionary's input (`dictionary_inputs`), codes with one flat
+latent index (`flat_codes`, `split_flat`), token display strings (`token_strings`).
 
 Chats and prompt token ids (`check_chat`, `prompt_ids`) live with the tokenizer, in
 `gemmascope_jax.gemma3.tokenizer`.
@@ -12,7 +17,13 @@ Chats and prompt token ids (`check_chat`, `prompt_ids`) live with the tokenizer,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import collections
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.config import Gemma3Config
@@ -70,3 +81,64 @@ def check_latents(d: Dictionary, latents: Iterable[int]) -> list[int]:
             f"0..{d.cfg.width - 1}"
         )
     return ids
+
+
+_FORWARDS: collections.OrderedDict = collections.OrderedDict()  # (id(model), sites) -> fn
+_MAX_FORWARDS = 8
+
+
+def site_forward(model, capture: Sequence[str]):
+    """`model.jitted(capture=..., logits=False)`, kept for the last few (model, sites) pairs so
+    repeated inspections compile once per prompt length instead of once per call."""
+    key = (id(model), tuple(dict.fromkeys(capture)))
+    if key in _FORWARDS and _FORWARDS[key][0] is model:
+        _FORWARDS.move_to_end(key)
+    else:
+        _FORWARDS[key] = (model, model.jitted(capture=key[1], logits=False))
+        while len(_FORWARDS) > _MAX_FORWARDS:
+            _FORWARDS.popitem(last=False)
+    return _FORWARDS[key][1]
+
+
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Display string of each token id (`<id 123>` without a tokenizer); ids decoded once."""
+    if tokenizer is None:
+        return [f"<id {int(i)}>" for i in ids]
+    cache: dict[int, str] = {}
+    out = []
+    for i in ids:
+        i = int(i)
+        if i not in cache:
+            cache[i] = tokenizer.decode([i])
+        out.append(cache[i])
+    return out
+
+
+def checked_dictionary(model, d: Any) -> Dictionary:
+    """`d` if it is a dictionary that reads and writes this model's sites, else ValueError."""
+    if not isinstance(d, Dictionary):
+        raise ValueError(
+            f"expected one dictionary (SAE, transcoder, CLT, crosscoder), got {type(d).__name__}"
+            " (for a per-layer transcoder set, pass one member: set[layer])"
+        )
+    check_dictionary(model.cfg, d)
+    return d
+
+
+def dictionary_inputs(sites: dict[str, jax.Array], d: Dictionary) -> jax.Array:
+    """The dictionary's input from captured sites: [..., d_in] or [..., L, d_in] (multi-layer)."""
+    xs = [sites[s].astype(jnp.float32) for s in d.cfg.input_sites]
+    return jnp.stack(xs, axis=-2) if d.cfg.multilayer else xs[0]
+
+
+def flat_codes(d: Dictionary, x: jax.Array) -> jax.Array:
+    """Codes [..., L * F]: source layer i's latent j at flat index i * F + j (L = 1 single)."""
+    codes = d.encode(x)
+    return codes.reshape(*codes.shape[: x.ndim - (2 if d.cfg.multilayer else 1)], -1)
+
+
+def split_flat(d: Dictionary, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat latent indices -> (model layer, latent id), same shapes."""
+    flat = np.asarray(flat)
+    source, ids = np.divmod(flat, d.cfg.width)
+    return np.asarray(d.cfg.layers)[source], ids

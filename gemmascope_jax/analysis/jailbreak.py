@@ -28,10 +28,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gemmascope_jax.analysis.common import dictionary_label
-from gemmascope_jax.analysis.features import (
+from gemmascope_jax.analysis.common import (
     checked_dictionary,
     dictionary_inputs,
+    dictionary_label,
     flat_codes,
     token_strings,
 )

@@ -42,10 +42,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gemmascope_jax.analysis.common import dictionary_label
-from gemmascope_jax.analysis.features import (
+from gemmascope_jax.analysis.common import (
     checked_dictionary,
     dictionary_inputs,
+    dictionary_label,
     flat_codes,
     site_forward,
     token_strings,

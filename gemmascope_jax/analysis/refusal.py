@@ -300,7 +300,7 @@ class AlignedLatents:
 def decoder_vectors(d: Dictionary) -> np.ndarray:
     """Each latent's write direction [L * F, d_out]: single-layer, its decoder row; CLT, the
     sum of its rows over its target layers; crosscoder, the row of its deepest output layer
-    (the convention of `features.write_directions`)."""
+    (the convention of `logit_lens.write_directions`)."""
     cfg = d.cfg
     if not cfg.multilayer:
         return np.asarray(d.w_dec[...], np.float32)
