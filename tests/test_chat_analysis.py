@@ -28,17 +28,19 @@ from gemmascope_jax.analysis.jailbreak import (
     wrap_prompt,
 )
 from gemmascope_jax.analysis.refusal import (
-    ABLATION_SITE_KINDS,
     PROMPT_SETS,
-    ablation_interventions,
-    ablation_refusal_rates,
     aligned_latents,
-    is_refusal,
     load_prompt_set,
     read_prompts,
-    refusal_direction,
+)
+from gemmascope_jax.analysis.refusal_ablation import (
+    ABLATION_SITE_KINDS,
+    ablation_interventions,
+    ablation_refusal_rates,
+    is_refusal,
     refusal_rate,
 )
+from gemmascope_jax.analysis.refusal_direction import refusal_direction
 from gemmascope_jax.cli import chat as chat_cli
 from gemmascope_jax.cli import run_verb
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary

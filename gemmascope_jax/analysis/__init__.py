@@ -38,21 +38,22 @@ from gemmascope_jax.analysis.jailbreak import (
 from gemmascope_jax.analysis.logit_lens import LogitLens, logit_lens, logit_lens_table
 from gemmascope_jax.analysis.max_examples import MaxExamples, corpus_batches, scan_corpus
 from gemmascope_jax.analysis.refusal import (
-    REFUSAL_PHRASES,
     AlignedLatents,
-    RefusalDirection,
-    RefusalRates,
     RefusalReport,
+    aligned_latents,
+    load_prompt_set,
+    refusal_analysis,
+)
+from gemmascope_jax.analysis.refusal_ablation import (
+    REFUSAL_PHRASES,
+    RefusalRates,
     ablate_direction,
     ablation_interventions,
     ablation_refusal_rates,
-    aligned_latents,
     is_refusal,
-    load_prompt_set,
-    refusal_analysis,
-    refusal_direction,
     refusal_rate,
 )
+from gemmascope_jax.analysis.refusal_direction import RefusalDirection, refusal_direction
 from gemmascope_jax.analysis.replacement import ReplacementModel, intervene
 from gemmascope_jax.analysis.steering import (
     SteeringResult,
