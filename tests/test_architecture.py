@@ -57,15 +57,6 @@ SAME_FLOOR = {
 # Known violations: (importer module, imported module) -> why it is allowed. These edges are
 # skipped by both checks (an allowed edge cannot close a cycle either).
 ALLOWED = {
-    ("gemmascope_jax.evals.card", "gemmascope_jax.training.config"): (
-        "evals.card's `evaluate --data CONFIG` rebuilds a training run's held-out split from its "
-        "config; the fix moves that helper (with trainer._documents) out of card.py, which is "
-        "being edited elsewhere (issue 15)"
-    ),
-    ("gemmascope_jax.evals.card", "gemmascope_jax.training.trainer"): (
-        "same as above (HELDOUT_FRACTION, _documents); with trainer -> card (the run writes its "
-        "cards) this is also a cycle"
-    ),
     ("gemmascope_jax.evals.synthetic", "gemmascope_jax.training"): (
         "the synthetic ground-truth benchmark trains dictionaries with the real train step; it "
         "belongs beside training (or in scripts/), a move left to its authors (issue 13)"

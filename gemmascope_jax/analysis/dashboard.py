@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from gemmascope_jax.analysis.features import checked_dictionary, logit_lens_table, token_strings
+from gemmascope_jax.analysis.common import checked_dictionary, token_strings
+from gemmascope_jax.analysis.logit_lens import logit_lens_table
 from gemmascope_jax.analysis.max_examples import MaxExamples
 from gemmascope_jax.output_folders import atomic_output_dir
 

@@ -1,5 +1,5 @@
-"""Feature inspection: which latents fire on a prompt (`top_features`), and the `inspect` verb,
-which also prints a latent's logit lens (`analysis.logit_lens`).
+"""Feature inspection: which latents fire on a prompt (`top_features`). The `inspect` verb
+(`cli.analysis`) prints it, and a latent's logit lens (`analysis.logit_lens`).
 
     rep = top_features(model, tok, d, "The Eiffel Tower is in Paris", k=10, splice=True)
     rep.tokens, rep.top_ids [T, k], rep.top_values [T, k]   # per token, strongest first
@@ -36,10 +36,6 @@ from gemmascope_jax.analysis.common import (
     site_forward,
     split_flat,
     token_strings,
-)
-from gemmascope_jax.analysis.logit_lens import (
-    logit_lens,
-    logit_lens_table,  # noqa: F401 (analysis/dashboard.py imports it from here)
 )
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.tokenizer import BOS_ID, prompt_ids
@@ -213,80 +209,3 @@ def _prompt_token_ids(tokenizer, prompt, vocab_size: int) -> list[int]:
     if not ids:
         raise ValueError("empty prompt: no tokens")
     return ids
-
-
-# ---- CLI -------------------------------------------------------------------------------------
-
-
-def _print_report(rep: FeatureReport, top_ranked: int = 20) -> None:
-    print(f"== {rep.dictionary}: top latents per token ==")
-    multi = bool(len(rep.top_layers)) and len(set(rep.top_layers[rep.top_ids >= 0].tolist())) > 1
-    name = lambda layer, i: f"L{layer}/{i}" if multi else str(i)
-    for t, token in enumerate(rep.tokens):
-        active = rep.top_ids[t] >= 0
-        cells = "  ".join(
-            f"{name(layer, i)}:{v:.3g}"
-            for layer, i, v in zip(
-                rep.top_layers[t][active],
-                rep.top_ids[t][active],
-                rep.top_values[t][active],
-                strict=True,
-            )
-        )
-        err = ""
-        if rep.error_norm is not None:
-            err = f"  |err| {rep.error_norm[t].mean():.3g} (rel {rep.relative_error[t].mean():.3f})"
-        print(f"{t:4d} {token!r:>16}{err}  {cells}")
-    print(f"\n== latents ranked by total activation (top {top_ranked}) ==")
-    for layer, i, total, count in list(
-        zip(rep.ranked_layers, rep.ranked_ids, rep.ranked_totals, rep.ranked_counts, strict=True)
-    )[:top_ranked]:
-        print(f"  latent {name(layer, i):>10}  total {total:10.4g}  on {count} tokens")
-
-
-def _inspect_cli(args) -> int:
-    from pathlib import Path
-
-    from gemmascope_jax.formats import load_dictionary
-    from gemmascope_jax.gemma3.loading import load_gemma3
-
-    model, tok = load_gemma3(args.model, progress=False)
-    d = checked_dictionary(model, load_dictionary(args.dictionary))
-    if args.latent is not None:
-        lens = logit_lens(model, d, args.latent, layer=args.layer, k=args.k, tokenizer=tok)
-        print(f"logit lens of latent {args.latent} (layer {lens.layer}), {dictionary_label(d)}")
-        for title, toks, vals in (
-            ("promoted", lens.promoted_tokens, lens.promoted_values),
-            ("suppressed", lens.suppressed_tokens, lens.suppressed_values),
-        ):
-            print(
-                f"  {title}: "
-                + "  ".join(f"{t!r} {v:+.3f}" for t, v in zip(toks, vals, strict=True))
-            )
-        result: Any = lens
-    if args.text is not None:
-        prompt = json.loads(args.text) if args.chat else args.text
-        result = top_features(model, tok, d, prompt, k=args.k, splice=args.splice)
-        _print_report(result)
-    if args.latent is None and args.text is None:
-        raise ValueError("give a prompt text and/or --latent ID")
-    if args.json:
-        Path(args.json).write_text(result.to_json() + "\n")
-        print(f"wrote {args.json}")
-    return 0
-
-
-def add_inspect_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "inspect", help="top dictionary latents per token of a prompt; a latent's logit lens"
-    )
-    p.add_argument("text", nargs="?", default=None, help="prompt (a JSON chat with --chat)")
-    p.add_argument("--dictionary", required=True, help="dictionary folder (any format)")
-    p.add_argument("--model", default=None, help="HF dir, hub id or .gguf (default: embedded)")
-    p.add_argument("--k", type=int, default=10, help="latents per token / lens tokens")
-    p.add_argument("--splice", action="store_true", help="also print reconstruction errors")
-    p.add_argument("--chat", action="store_true", help="the text is a JSON list of turns")
-    p.add_argument("--latent", type=int, default=None, help="print this latent's logit lens")
-    p.add_argument("--layer", type=int, default=None, help="source layer of --latent (CLTs)")
-    p.add_argument("--json", default=None, help="write the result as JSON here")
-    p.set_defaults(func=_inspect_cli)

@@ -12,9 +12,8 @@ re-raises instead, for the traceback.
 # The layout (the docstring above is `gemmascope-jax --help`'s description): each verb lives in
 # a module of this package with its parser (`add_<verb>_parser`) and its handler
 # (`<verb>_command`); `_common.run_verb` applies the convention; `main` below is the verb
-# table. The library code a verb calls lives on the floors below (docs/architecture.md).
-# Not yet moved here: `inspect`, `steer` and `evaluate` still register from
-# `analysis.features`, `analysis.steering` and `evals.card`.
+# table. The library code a verb calls lives on the floors below (docs/architecture.md); no
+# library module registers a verb or parses arguments.
 
 from __future__ import annotations
 
@@ -28,16 +27,15 @@ __all__ = ["error_line", "main", "run_verb"]
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv) and run the verb; returns the exit status."""
     # the verb modules are imported here, not at the top: `import gemmascope_jax.cli` stays light
-    from gemmascope_jax.analysis.features import add_inspect_parser
-    from gemmascope_jax.analysis.steering import add_steer_parser
+    from gemmascope_jax.cli.analysis import add_inspect_parser, add_steer_parser
     from gemmascope_jax.cli.attribution import add_attribute_parser
     from gemmascope_jax.cli.chat import add_cot_parser, add_jailbreak_parser, add_refusal_parser
     from gemmascope_jax.cli.convert import add_convert_parser
     from gemmascope_jax.cli.dashboard import add_dashboard_parser
     from gemmascope_jax.cli.demo import add_demo_parser, add_sites_parser
+    from gemmascope_jax.cli.evaluate import add_evaluate_parser
     from gemmascope_jax.cli.rollouts import add_rollouts_parser
     from gemmascope_jax.cli.train import add_finetune_parser, add_plan_parser, add_train_parser
-    from gemmascope_jax.evals.card import add_evaluate_parser
 
     parser = argparse.ArgumentParser(prog="gemmascope-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

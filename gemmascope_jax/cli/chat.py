@@ -68,7 +68,7 @@ def _command(body: Callable[[argparse.Namespace], list[Path]]):
 
 def _setup(args: argparse.Namespace, site: str | None = None):
     """Load and check everything (and `site`, when given) before making the output folder."""
-    from gemmascope_jax.analysis.features import checked_dictionary
+    from gemmascope_jax.analysis.common import checked_dictionary
     from gemmascope_jax.formats import load_dictionary
 
     if args.top_k < 1:

@@ -64,8 +64,8 @@ def dashboard_command(args: argparse.Namespace) -> int:
     import importlib.util
     import time
 
+    from gemmascope_jax.analysis.common import checked_dictionary
     from gemmascope_jax.analysis.dashboard import build_dashboard, check_card
-    from gemmascope_jax.analysis.features import checked_dictionary
     from gemmascope_jax.analysis.max_examples import corpus_batches, scan_corpus
     from gemmascope_jax.formats import load_dictionary
     from gemmascope_jax.output_folders import check_replaceable

@@ -21,9 +21,9 @@ such batches. The card holds:
 This module computes the card and writes its folder; `evals.card_render` turns it into
 `card.md` and the plots.
 
-`gemmascope-jax evaluate DICT` (`run_evaluate_cli`) loads the dictionary and model, tokenises
-held-out text (`--text-file`, the held-out split of a run config's data with `--data`, or by
-default the packaged English prose of `data/heldout/`) and writes the card.
+`gemmascope-jax evaluate DICT` (`cli.evaluate`) loads the dictionary and model, tokenises
+held-out text (`token_batches`; by default the packaged English prose of `data/heldout/`,
+`HELDOUT_PROSE`) and writes the card.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from gemmascope_jax.evals import saebench, saebench_run
-from gemmascope_jax.evals.card_render import fmt, json_safe, render_markdown, write_plots
+from gemmascope_jax.evals.card_render import json_safe, render_markdown, write_plots
 from gemmascope_jax.evals.metrics import DENSE_FREQUENCY, log10_frequency_histogram
 
 CARD_VERSION = 1
@@ -242,116 +242,3 @@ def write_card(
         (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
         (tmp / "card.md").write_text(render_markdown(card))
     return card
-
-
-# ---- command line -----------------------------------------------------------------------------
-
-
-def add_evaluate_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "evaluate", help="quality card of a dictionary: SAEBench core metrics, absorption, plots"
-    )
-    p.add_argument(
-        "dictionary", help="dictionary folder (native, Gemma Scope 2, SAELens, circuit-tracer)"
-    )
-    p.add_argument("--model", default=None, help="HF dir, hub id or .gguf (default: embedded 270M)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--text-file", default=None, help="plain text (documents split at blank lines)"
-    )
-    src.add_argument("--data", default=None, help="run config YAML: its held-out documents")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens to evaluate on")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="sequences per forward")
-    p.add_argument("--out", default=None, help="card folder (default: ./card-NAME of DICT)")
-    p.add_argument("--force", action="store_true", help="replace an --out folder we did not make")
-    p.add_argument("--no-absorption", action="store_true", help="skip the absorption task")
-    p.add_argument(
-        "--no-graph-scores",
-        action="store_true",
-        help="skip the attribution-graph scores (transcoder sets and CLTs)",
-    )
-    p.add_argument("--json", action="store_true", help="last line: the card as JSON")
-    p.set_defaults(func=run_evaluate_cli)
-
-
-def load_any_dictionary(path):
-    """`load_dictionary`, or a transcoder set from a folder of per-layer folders."""
-    from gemmascope_jax.formats import FormatError, load_dictionary, load_transcoder_set
-
-    path = Path(path)
-    try:
-        return load_dictionary(path)
-    except FormatError:
-        if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
-            try:
-                return load_transcoder_set(path)
-            except (FormatError, ValueError):
-                pass
-        raise
-
-
-def _source(args, model, tok):
-    from gemmascope_jax.data.sources import JsonlSource, TextFileSource
-
-    if args.text_file:
-        return TextFileSource([args.text_file], split="blank_lines"), f"text file {args.text_file}"
-    if args.data:
-        from gemmascope_jax.data.sources import split_documents
-        from gemmascope_jax.training.config import load_config
-        from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents
-
-        cfg = load_config(args.data, [])
-        docs = _documents(cfg, model, tok, progress=False)
-        _, held = split_documents(docs, holdout=HELDOUT_FRACTION, seed=cfg.data.seed)
-        return held, f"held-out split of {args.data}"
-    return JsonlSource(HELDOUT_PROSE), "held-out English prose (data/heldout/english_prose.jsonl)"
-
-
-def run_evaluate_cli(args) -> int:
-    """Handler of `evaluate`; bad input raises (printed by `gemmascope_jax.cli`, exit 2)."""
-    from gemmascope_jax.output_folders import check_replaceable
-
-    if args.tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
-        raise EvaluateError("--tokens, --batch-size must be >= 1 and --seq-len >= 2")
-    out = Path(args.out) if args.out else Path(f"card-{Path(args.dictionary).resolve().name}")
-    # before loading anything: write_card checks again before it writes
-    check_replaceable(out, force=args.force, replace_ours=True)
-    try:
-        dictionary = load_any_dictionary(args.dictionary)
-    except (ValueError, OSError) as e:
-        raise EvaluateError(f"cannot load dictionary {args.dictionary}: {e}") from e
-    from gemmascope_jax.gemma3.loading import load_gemma3
-
-    try:
-        model, tok = load_gemma3(args.model, progress=False)
-    except Exception as e:  # noqa: BLE001 - any failure to load is a bad --model
-        raise EvaluateError(
-            f"cannot load model {args.model or 'embedded'}: {type(e).__name__}: {e}"
-        ) from e
-    check_compatible(dictionary, model)
-    source, what = _source(args, model, tok)
-    tokens = token_batches(tok, source, args.tokens, args.seq_len, args.batch_size)
-    card = write_card(
-        dictionary,
-        model,
-        tokens,
-        out,
-        tokenizer=tok,
-        absorption=not args.no_absorption,
-        graph_scores=not args.no_graph_scores,
-        data_description=what,
-        force=args.force,
-    )
-    core = card["saebench_core"]
-    print(
-        f"{card['dictionary']['kind']}: explained_variance "
-        f"{fmt(core['reconstruction_quality']['explained_variance'])}, ce_loss_score "
-        f"{fmt(core['model_performance_preservation']['ce_loss_score'])}, kl_div_score "
-        f"{fmt(core['model_behavior_preservation']['kl_div_score'])}, l0 "
-        f"{fmt(core['sparsity']['l0'])} on {card['data']['tokens']} tokens"
-    )
-    print(f"card: {out / 'card.md'}")
-    if args.json:
-        print(json.dumps(card))
-    return 0
