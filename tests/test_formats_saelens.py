@@ -24,7 +24,8 @@ from sae_lens.registry import get_sae_class
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.formats import saelens as fmt
 from gemmascope_jax.formats.io import FormatError
-from gemmascope_jax.gemma3.sites import LAYER_SITES, Site, resolve_site
+from gemmascope_jax.formats.saelens import layout
+from gemmascope_jax.gemma3.sites import LAYER_SITES, Site, resolve_site, tl_hook_name
 from gemmascope_jax.safetensors_io import read_safetensors, write_safetensors
 
 D_IN, D_OUT, F, N = 16, 12, 64, 48
@@ -172,7 +173,7 @@ def test_tl_hook_names_resolve_back():
         if kind == "attn_pattern":
             continue
         site = Site(kind, 5)
-        assert resolve_site(fmt.tl_hook_name(site), 26) == site, kind
+        assert resolve_site(tl_hook_name(site), 26) == site, kind
 
 
 @pytest.mark.parametrize(
@@ -269,7 +270,7 @@ def test_import_saelens_saved(tmp_path, architecture, hook_name, site):
     peer.save_model(tmp_path / "peer")
     assert fmt.detect(tmp_path / "peer")
     d = fmt.load(tmp_path / "peer")
-    kind, activation = fmt._IMPORT[architecture]
+    kind, activation = layout.IMPORT[architecture]
     assert (d.cfg.kind, d.cfg.architecture) == (kind, activation)
     assert d.cfg.input_sites == (site,)
     if kind != "sae":
@@ -303,7 +304,7 @@ def test_import_folds_activation_scaler(tmp_path):
     with pytest.raises(FormatError, match="activation_scaler.json missing"):
         fmt.load(tmp_path / "peer")
     s = 2.5
-    (tmp_path / "peer" / fmt.SCALER_FILENAME).write_text(
+    (tmp_path / "peer" / layout.SCALER_FILENAME).write_text(
         json.dumps({"scaling_factor": s, "has_whitening": False})
     )
     d = fmt.load(tmp_path / "peer")
