@@ -39,6 +39,7 @@ Reruns resume from the finished runs in --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -72,7 +73,11 @@ from gemmascope_jax.training import (  # noqa: E402
 
 SITE = "resid_post.9"
 LAYER = 9
-OURS = ("jumprelu", "matryoshka", "batchtopk")
+OURS = ("jumprelu", "matryoshka", "batchtopk", "jumprelu_sqrtd", "batchtopk_sqrtd")
+# `*_sqrtd`: the same trainer with the short-run settings of docs/quality_h2h.md: activations
+# normalised to E||x||^2 = d_in (`data.normalization: sqrt_d`), JumpReLU threshold_init 0.01
+# and bandwidth 0.05 in those units, gradient clipping at 1.0, no frequency penalty.
+SQRT_D_SUFFIX = "_sqrtd"
 THEIRS = ("jumprelu", "topk", "batchtopk")
 SIDE_NAME = {"ours": "ours", "saelens": "SAELens"}
 
@@ -130,6 +135,8 @@ def matryoshka_widths(width: int) -> tuple[int, ...]:
 
 def train_ours(arch, l0, lr, args, x_train, order, scale, width):
     steps = len(order)
+    sqrt_d = arch.endswith(SQRT_D_SUFFIX)
+    arch = arch.removesuffix(SQRT_D_SUFFIX)
     extra = {"k": l0} if arch == "batchtopk" else {"l0_target": l0}
     if arch == "matryoshka":
         extra["matryoshka_widths"] = matryoshka_widths(width)
@@ -150,8 +157,15 @@ def train_ours(arch, l0, lr, args, x_train, order, scale, width):
         freq_penalty_max=0.1,
         dead_steps=max(1, int(args.dead_window * steps)),
     )
+    if sqrt_d:
+        loss = dataclasses.replace(
+            loss, bandwidth=0.05, threshold_init=0.01, freq_penalty_coeff=0.0
+        )
     opt = OptimizerConfig(
-        lr=lr, warmup_steps=max(1, int(args.lr_warmup * steps)), warmup_init_fraction=0.1
+        lr=lr,
+        warmup_steps=max(1, int(args.lr_warmup * steps)),
+        warmup_init_fraction=0.1,
+        grad_clip_norm=1.0 if sqrt_d else None,
     )
     step = make_train_step([DictionaryTraining(cfg, loss, opt)])
     mean = {SITE: x_train[:8192] / scale}
@@ -293,18 +307,25 @@ def _enc_dec(d, x):
 
 
 def activation_metrics(d, x: np.ndarray, scale: float, chunk: int = 2048) -> dict:
-    """FVU, L0 and dead fraction on raw activations x [N, d] (reconstruction s * d(x / s))."""
-    sse, fired, l0_sum = 0.0, np.zeros(d.cfg.width, bool), 0.0
+    """FVU, L0, the dead fraction and the dense fraction (latents firing on more than 10% of
+    tokens, SAEBench's `frac_over_10pct`) on raw activations x [N, d] (reconstruction
+    s * d(x / s))."""
+    sse, counts, l0_sum = 0.0, np.zeros(d.cfg.width), 0.0
     for i in range(0, len(x), chunk):
         xb = x[i : i + chunk]
         codes, rec = _enc_dec(d, jnp.asarray(xb / scale))
         codes, rec = np.asarray(codes), np.asarray(rec, np.float64) * scale
         sse += float(((xb - rec) ** 2).sum())
         active = codes > 0
-        fired |= active.any(0)
+        counts += active.sum(0)
         l0_sum += float(active.sum())
     sst = float(((x - x.mean(0, dtype=np.float64)) ** 2).sum())
-    return {"fvu": sse / sst, "l0": l0_sum / len(x), "dead": float(1 - fired.mean())}
+    return {
+        "fvu": sse / sst,
+        "l0": l0_sum / len(x),
+        "dead": float((counts == 0).mean()),
+        "dense": float((counts > 0.1 * len(x)).mean()),
+    }
 
 
 @jax.jit
@@ -343,21 +364,22 @@ def check_export(sae, arrays, arch, l0, x, scale, width) -> float:
 
 def tables(results: list[dict], best: dict) -> str:
     lines = ["### All runs (held-out activations)", ""]
-    lines += ["| side | architecture | L0 target | lr | L0 | FVU | dead | train s |"]
-    lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| side | architecture | L0 target | lr | L0 | FVU | dead | dense | train s |"]
+    lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(results, key=lambda r: (r["side"], r["arch"], r["l0_target"], r["lr"])):
         lines.append(
             f"| {SIDE_NAME[r['side']]} | {r['arch']} | {r['l0_target']} | {r['lr']:g} "
-            f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} | {r['train_s']:.0f} |"
+            f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} | {r['dense']:.4f} "
+            f"| {r['train_s']:.0f} |"
         )
     lines += ["", "### Best lr per point (by held-out FVU), with delta LM loss", ""]
-    lines += ["| side | architecture | L0 target | lr | L0 | FVU | dead | delta loss |"]
-    lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| side | architecture | L0 target | lr | L0 | FVU | dead | dense | delta loss |"]
+    lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(best):
         r = best[key]
         lines.append(
             f"| {SIDE_NAME[r['side']]} | {r['arch']} | {r['l0_target']} | {r['lr']:g} "
-            f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} "
+            f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} | {r['dense']:.4f} "
             f"| {r.get('delta_loss', float('nan')):.4f} |"
         )
     return "\n".join(lines)
@@ -447,6 +469,11 @@ def main(argv=None) -> int:
     if results_path.exists():
         saved = json.loads(results_path.read_text())
         results, checks = saved["runs"], saved.get("checks", {})
+    for r in results:  # runs from before the dense fraction was recorded
+        if "dense" not in r:
+            arrays = dict(np.load(out / "runs" / f"{r['file']}.npz"))
+            d = inference_dict(arrays, width, d_in, r["k"])
+            r["dense"] = activation_metrics(d, x_held, r["scale"])["dense"]
     done = {(r["side"], r["arch"], r["l0_target"], r["lr"]) for r in results}
     for side, arch in plan:
         for l0 in l0s:
@@ -456,8 +483,8 @@ def main(argv=None) -> int:
                     continue
                 t0 = time.perf_counter()
                 if side == "ours":
-                    arrays = train_ours(arch, l0, lr, args, x_train, order, s_ours, width)
-                    scale = s_ours
+                    scale = s_theirs if arch.endswith(SQRT_D_SUFFIX) else s_ours
+                    arrays = train_ours(arch, l0, lr, args, x_train, order, scale, width)
                 else:
                     sae, arrays = train_saelens(arch, l0, lr, args, x_train, order, s_theirs, width)
                     scale = s_theirs

@@ -196,3 +196,19 @@ def test_norm_scalars_match_numpy(forward):
     assert scalars["resid_post.3"] != pytest.approx(scalars["mlp_in.1"], rel=1e-3)
     with pytest.raises(ValueError, match="empty"):
         estimate_norm_scalars(iter([]), 1)
+
+
+def test_norm_scalars_sqrt_d_give_mean_squared_norm_d(forward):
+    """`normalization="sqrt_d"` (SAELens' convention): E||x/s||^2 = d, s = s_unit / sqrt(d)."""
+    unit = estimate_norm_scalars(run_stream(forward, batch_tokens=40), n_batches=3)
+    sqrt_d = estimate_norm_scalars(run_stream(forward, batch_tokens=40), 3, "sqrt_d")
+    stream = run_stream(forward, batch_tokens=40)
+    first = [next(stream) for _ in range(3)]
+    for s in SITES:
+        x = np.concatenate([b[s] for b in first]).astype(np.float32)
+        d = x.shape[1]
+        assert sqrt_d[s] == pytest.approx(unit[s] / np.sqrt(d), rel=1e-9)
+        normed = normalize({s: x}, sqrt_d)[s].astype(np.float64)
+        assert np.mean(np.sum(normed**2, 1)) == pytest.approx(d, rel=1e-5)
+    with pytest.raises(ValueError, match="normalization"):
+        estimate_norm_scalars(run_stream(forward, batch_tokens=40), 1, "sqrt")

@@ -5,6 +5,8 @@ schedules and the Adam(b1=0) shortcut, BatchTopK -> JumpReLU export."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -359,3 +361,25 @@ def test_mean_batch_init_centres_the_biases():
         np.testing.assert_allclose(
             d.b_pre[...], means[0 if t.bias_mode == "free" else 1], atol=1e-6
         )
+
+
+def test_threshold_init_sets_every_jumprelu_threshold():
+    """`LossConfig.threshold_init` replaces the GS2 θ init (0.001) of JumpReLU kinds (SAE, CLT)
+    and leaves the other parameters and the non-JumpReLU kinds as the GS2 init makes them."""
+    trainings = _all_kinds()
+    moved = [dataclasses.replace(t, loss=dataclasses.replace(t.loss, threshold_init=0.01))
+             for t in trainings]  # fmt: skip
+    base = make_train_step(trainings).init(seed=1)
+    new = make_train_step(moved).init(seed=1)
+    for p0, p1 in zip(base.params, new.params, strict=True):
+        assert set(p0) == set(p1)
+        for name in p0:
+            if name == "threshold":
+                np.testing.assert_array_equal(np.asarray(p0[name]), np.float32(0.001))
+                np.testing.assert_array_equal(np.asarray(p1[name]), np.float32(0.01))
+            else:
+                np.testing.assert_array_equal(np.asarray(p0[name]), np.asarray(p1[name]))
+    assert sum("threshold" in p for p in new.params) == 2  # the JumpReLU SAE and CLT
+    with pytest.raises(ValueError, match="threshold_init"):
+        bad = dataclasses.replace(trainings[0].loss, threshold_init=-1.0)
+        make_train_step([dataclasses.replace(trainings[0], loss=bad)])

@@ -262,31 +262,40 @@ def _opt(x: Any) -> np.ndarray | None:
     return None if x is None else np.asarray(x)
 
 
-def estimate_norm_scalars(batches: Iterable[Batch], n_batches: int) -> dict[str, float]:
-    """Per-site scalars `s = sqrt(mean_tokens ||x||^2)` from the first `n_batches` batches.
+def estimate_norm_scalars(
+    batches: Iterable[Batch], n_batches: int, normalization: str = "unit"
+) -> dict[str, float]:
+    """Per-site scalars `s = sqrt(mean_tokens ||x||^2 / m)` from the first `n_batches` batches.
 
-    Dividing a site by its `s` gives unit mean squared norm, `E ||x / s||^2 = 1`, the Gemma
-    Scope 2 convention that its JumpReLU bandwidth (0.001) is meaningful in (TR §3.1,
-    docs/recipe.md; SAELens' `sqrt(d)` convention would make it sqrt(d) times too small).
+    Dividing a site by its `s` gives mean squared norm `E ||x / s||^2 = m`: m = 1 for
+    `normalization="unit"`, the Gemma Scope 2 convention that its JumpReLU bandwidth (0.001)
+    is meaningful in (TR §3.1, docs/recipe.md); m = d (the site's width) for "sqrt_d",
+    SAELens' `expected_average_only_in`, where its bandwidth 0.05 and threshold 0.01 live.
+    Short runs at a high learning rate train better in "sqrt_d" (docs/quality_h2h.md).
     One scalar per layer for multi-layer dictionaries.
     Consumes `n_batches` batches of `batches` (use a fresh stream or the cache reader).
     """
+    if normalization not in ("unit", "sqrt_d"):
+        raise ValueError(f"normalization must be 'unit' or 'sqrt_d', got {normalization!r}")
     if n_batches < 1:
         raise ValueError(f"n_batches must be >= 1, got {n_batches}")
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
+    widths: dict[str, int] = {}
     seen = 0
     for batch in batches:
         for site, x in batch.items():
             x = np.asarray(x, np.float64)
             sums[site] = sums.get(site, 0.0) + float(np.einsum("nd,nd->", x, x))
             counts[site] = counts.get(site, 0) + x.shape[0]
+            widths[site] = x.shape[-1]
         seen += 1
         if seen == n_batches:
             break
     if seen == 0:
         raise ValueError("estimate_norm_scalars: the batch iterator is empty")
-    return {site: float(np.sqrt(sums[site] / counts[site])) for site in sums}
+    target = {site: 1.0 if normalization == "unit" else float(widths[site]) for site in sums}
+    return {site: float(np.sqrt(sums[site] / counts[site] / target[site])) for site in sums}
 
 
 def normalize(batch: Batch, scalars: Mapping[str, float]) -> Batch:

@@ -369,15 +369,15 @@ class ActivationPipeline(Iterator[Batch]):
     # -- normalisation and checkpoints -----------------------------------------------------
 
     def init_norm_scalars(self) -> dict[str, jax.Array]:
-        """Estimate the per-site scalars s with E||x/s||^2 = 1 over all data shards (each
-        shard's first `data.norm_tokens / shards` tokens of a separate stream or of its cache,
-        combined over processes); returns the first normalised global batch of those streams
-        (for the data-mean init of `b_dec`)."""
+        """Estimate the per-site scalars s with E||x/s||^2 = 1 (or d: `data.normalization`)
+        over all data shards (each shard's first `data.norm_tokens / shards` tokens of a
+        separate stream or of its cache, combined over processes); returns the first
+        normalised global batch of those streams (for the data-mean init of `b_dec`)."""
         n_batches = max(1, self.cfg.data.norm_tokens // (self.batch_tokens * self.count))
         per_shard, firsts = [], []
         for i in self.shards:
             stream = self._shard_batches(i, seed_offset=1)
-            per_shard.append(estimate_norm_scalars(stream, n_batches))
+            per_shard.append(estimate_norm_scalars(stream, n_batches, self.cfg.data.normalization))
             firsts.append(next(stream))
             getattr(stream, "close", lambda: None)()
         self.scalars = combine_norm_scalars(per_shard)

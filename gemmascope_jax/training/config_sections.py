@@ -94,6 +94,9 @@ class DataConfig:
     cache_dir: str | None = None  # activation cache (write once, train `epochs` times)
     epochs: int = _f(1, min=1)
     norm_tokens: int = _f(65_536, min=1)  # tokens for the normalisation scalar estimate
+    # divide each site by one scalar so that E||x||^2 = 1 ("unit", GS2) or = d ("sqrt_d",
+    # SAELens' expected_average_only_in); bandwidth / threshold_init / lr are in these units
+    normalization: Literal["unit", "sqrt_d"] = "unit"
     # Data shards (documents i::shards), default one per process; a multiple of the process
     # count. The global batch depends only on this, not on how many processes read it.
     shards: int | None = _f(None, min=1)
@@ -179,6 +182,7 @@ class TrainConfig:
     freq_penalty_coeff: float = _f(3.0, min=0)
     freq_penalty_max: float = _f(0.1, min=0, max=1)
     bandwidth: float = _f(0.001, min=0)  # JumpReLU STE, in normalised units
+    threshold_init: float = _f(0.001, min=0)  # JumpReLU θ at step 0 (GS2 0.001)
     adam_betas: tuple[float, float] = (0.0, 0.999)
     adam_eps: float = _f(1e-8, min=0)
     grad_clip_norm: float | None = _f(None, min=0)

@@ -524,7 +524,9 @@ def _norm_scalars(cfg, model, tok, sites, docs) -> dict[str, float]:
         shard=(0, 1),
     )
     try:
-        scalars = combine_norm_scalars([estimate_norm_scalars(stream, n_batches)])
+        scalars = combine_norm_scalars(
+            [estimate_norm_scalars(stream, n_batches, cfg.data.normalization)]
+        )
     finally:
         getattr(stream, "close", lambda: None)()
     return {k: float(v) for k, v in scalars.items()}

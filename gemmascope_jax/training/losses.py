@@ -108,6 +108,7 @@ class LossConfig:
 
     Fields:
         bandwidth: JumpReLU STE bandwidth ε in normalised units (GS2 0.001).
+        threshold_init: JumpReLU θ of a fresh dictionary (None: the GS2 init, 0.001).
         sparsity_coeff: λ of the quadratic L0 penalty (GS2 value not published).
         sparsity_warmup_steps: linear λ warmup from 0 (GS2 50,000).
         l0_target: L0* (summed over source layers); None takes `DictionaryConfig.l0_target`.
@@ -130,6 +131,7 @@ class LossConfig:
     """
 
     bandwidth: float = 0.001
+    threshold_init: float | None = None
     sparsity_coeff: float = 1.0
     sparsity_warmup_steps: int = 50_000
     l0_target: float | None = None
@@ -161,6 +163,8 @@ class LossConfig:
                 problems.append("jumprelu training needs l0_target > 0 (loss or dictionary)")
             if self.bandwidth <= 0:
                 problems.append(f"bandwidth must be > 0, got {self.bandwidth}")
+            if self.threshold_init is not None and self.threshold_init < 0:
+                problems.append(f"threshold_init must be >= 0, got {self.threshold_init}")
         if self.l0_penalty not in ("batch", "token"):
             problems.append(f"l0_penalty must be 'batch' or 'token', got {self.l0_penalty!r}")
         levels = len(cfg.matryoshka_widths or (cfg.width,))

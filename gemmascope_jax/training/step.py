@@ -250,8 +250,9 @@ class TrainStep:
         seed: int = 0,
         mean_batch: Mapping[str, Any] | None = None,
     ) -> TrainState:
-        """Fresh state: GS2 initialisation (`init_arrays`, key `fold_in(key(seed), i)`),
-        created directly in its shardings, or the given dictionaries' parameters.
+        """Fresh state: GS2 initialisation (`init_arrays`, key `fold_in(key(seed), i)`; θ from
+        `LossConfig.threshold_init` when set), created directly in its shardings, or the given
+        dictionaries' parameters.
 
         `mean_batch` (a batch like the step's, normalised) sets `b_dec` to the mean of the
         output site(s) and a free `b_pre` to the mean of the input site(s), so that the
@@ -273,6 +274,9 @@ class TrainStep:
 
                 def make(key, t=t):
                     arrays = dictionary_class(t.cfg.kind).init_arrays(t.cfg, key)
+                    if t.loss.threshold_init is not None and "threshold" in arrays:
+                        th = arrays["threshold"]
+                        arrays["threshold"] = jnp.full_like(th, t.loss.threshold_init)
                     return {n: arrays[n].astype(t.cfg.param_dtype) for n in t.param_specs()}
 
                 key = jax.random.fold_in(jax.random.key(seed), i)

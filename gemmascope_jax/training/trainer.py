@@ -192,6 +192,7 @@ def _trainings(cfg: RunConfig, model) -> list[DictionaryTraining]:
         )
         loss = LossConfig(
             bandwidth=t.bandwidth,
+            threshold_init=t.threshold_init,
             sparsity_coeff=spec.sparsity_coeff
             if spec.sparsity_coeff is not None
             else (t.sparsity_coeff),
