@@ -39,7 +39,6 @@ Reruns resume from the finished runs in --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -106,23 +105,36 @@ def parse_args(argv=None):
 # ---- data -------------------------------------------------------------------------------------
 
 
-def capture(model, tok, docs, n_tokens: int, seed_offset: int, desc: str):
-    """(acts [N, d] float32 of resid_post.9 at real non-BOS positions, token batches)."""
+def capture(model, tok, docs, n_tokens: int, seed_offset: int, desc: str, sites=(SITE,)):
+    """({site: acts [N, d] float32} at real non-BOS positions, token batches)."""
     cfg = SimpleNamespace(data=SimpleNamespace(seq_len=128, batch_size=8, seed=0))
     it = packed_tokens(cfg, tok, docs, epochs=None, seed_offset=seed_offset)
-    forward = model.jitted(capture=(SITE,), logits=False)
-    acts, batches, n = [], [], 0
+    forward = model.jitted(capture=tuple(sites), logits=False)
+    acts, batches, n = {s: [] for s in sites}, [], 0
     bar = tqdm(total=n_tokens, desc=desc, unit="tok")
     while n < n_tokens:
         t = np.asarray(next(it))
-        a = np.asarray(forward(jnp.asarray(t)).sites[SITE])[:, 1:]
+        out = forward(jnp.asarray(t)).sites
         valid = keep_mask(t[:, 1:], ignore_ids=(PAD_ID, BOS_ID))  # as training: no <bos> at all
-        acts.append(a[valid].astype(np.float32))
+        for s in sites:
+            acts[s].append(np.asarray(out[s])[:, 1:][valid].astype(np.float32))
         batches.append(t)
         n += int(valid.sum())
         bar.update(int(valid.sum()))
     bar.close()
-    return np.concatenate(acts)[:n_tokens], batches
+    return {s: np.concatenate(a)[:n_tokens] for s, a in acts.items()}, batches
+
+
+def epoch_order(n: int, batch: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """Index batches of `batch` rows of an n-row array: one seeded permutation per epoch,
+    the same for every side and dictionary."""
+    rng = np.random.default_rng(seed)
+    return [
+        p[i * batch : (i + 1) * batch]
+        for _ in range(epochs)
+        for p in [rng.permutation(n)]
+        for i in range(n // batch)
+    ]
 
 
 # ---- training: ours ---------------------------------------------------------------------------
@@ -133,8 +145,29 @@ def matryoshka_widths(width: int) -> tuple[int, ...]:
     return tuple(int(np.cumsum(sizes)[i]) for i in range(4)) + (width,)
 
 
+def recipe_configs(args, steps: int, lr: float, *, short_run: bool):
+    """(LossConfig, OptimizerConfig) of our side: GS2's (configs/base.yaml), or with
+    `short_run` the settings of docs/recipe.md "Units, and short runs" (for data in sqrt_d
+    units); warmups and the dead window scaled to this run's length."""
+    loss = LossConfig(
+        bandwidth=0.05 if short_run else 0.001,
+        threshold_init=0.01 if short_run else None,
+        sparsity_coeff=1.0,
+        sparsity_warmup_steps=max(1, int(args.sparsity_warmup * steps)),
+        freq_penalty_coeff=0.0 if short_run else 3.0,
+        freq_penalty_max=0.1,
+        dead_steps=max(1, int(args.dead_window * steps)),
+    )
+    opt = OptimizerConfig(
+        lr=lr,
+        warmup_steps=max(1, int(args.lr_warmup * steps)),
+        warmup_init_fraction=0.1,
+        grad_clip_norm=1.0 if short_run else None,
+    )
+    return loss, opt
+
+
 def train_ours(arch, l0, lr, args, x_train, order, scale, width):
-    steps = len(order)
     sqrt_d = arch.endswith(SQRT_D_SUFFIX)
     arch = arch.removesuffix(SQRT_D_SUFFIX)
     extra = {"k": l0} if arch == "batchtopk" else {"l0_target": l0}
@@ -149,24 +182,7 @@ def train_ours(arch, l0, lr, args, x_train, order, scale, width):
         layers=(LAYER,),
         **extra,
     )
-    loss = LossConfig(  # configs/base.yaml (GS2), warmups scaled to this run's length
-        bandwidth=0.001,
-        sparsity_coeff=1.0,
-        sparsity_warmup_steps=max(1, int(args.sparsity_warmup * steps)),
-        freq_penalty_coeff=3.0,
-        freq_penalty_max=0.1,
-        dead_steps=max(1, int(args.dead_window * steps)),
-    )
-    if sqrt_d:
-        loss = dataclasses.replace(
-            loss, bandwidth=0.05, threshold_init=0.01, freq_penalty_coeff=0.0
-        )
-    opt = OptimizerConfig(
-        lr=lr,
-        warmup_steps=max(1, int(args.lr_warmup * steps)),
-        warmup_init_fraction=0.1,
-        grad_clip_norm=1.0 if sqrt_d else None,
-    )
+    loss, opt = recipe_configs(args, len(order), lr, short_run=sqrt_d)
     step = make_train_step([DictionaryTraining(cfg, loss, opt)])
     mean = {SITE: x_train[:8192] / scale}
     state = step.init(seed=args.seed, mean_batch=mean)
@@ -447,22 +463,16 @@ def main(argv=None) -> int:
         z = np.load(data_path)
         x_train, x_held, splice_tokens = z["train"], z["held"], list(z["splice"])
     else:
-        x_train, _ = capture(model, tok, train_docs, args.train_tokens, 0, "capture train")
-        x_held, held_batches = capture(model, tok, held_docs, args.heldout_tokens, 2, "held-out")
+        x_train = capture(model, tok, train_docs, args.train_tokens, 0, "capture train")[0][SITE]
+        held, held_batches = capture(model, tok, held_docs, args.heldout_tokens, 2, "held-out")
+        x_held = held[SITE]
         n_splice = max(1, args.splice_tokens // (8 * 127))
         splice_tokens = held_batches[:n_splice]
         np.savez(data_path, train=x_train, held=x_held, splice=np.stack(splice_tokens))
     d_in, width = x_train.shape[1], args.width
     s_ours = estimate_norm_scalars([{SITE: x_train}], 1)[SITE]  # E||x/s||^2 = 1
     s_theirs = s_ours / np.sqrt(d_in)  # SAELens expected_average_only_in: E||x/s||^2 = d_in
-    rng = np.random.default_rng(args.seed)
-    n_steps = len(x_train) // args.batch
-    order = [
-        p[i * args.batch : (i + 1) * args.batch]
-        for _ in range(args.epochs)
-        for p in [rng.permutation(len(x_train))]
-        for i in range(n_steps)
-    ]
+    order = epoch_order(len(x_train), args.batch, args.epochs, args.seed)
     print(
         f"train {len(x_train):,} tokens x {args.epochs} epochs = {len(order)} steps of "
         f"{args.batch}; held-out {len(x_held):,} tokens, splice {len(splice_tokens)} x 8 x 128; "

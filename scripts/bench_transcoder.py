@@ -29,7 +29,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +44,12 @@ import bench_quality as bq  # noqa: E402
 
 from gemmascope_jax.data.activations import estimate_norm_scalars  # noqa: E402
 from gemmascope_jax.data.corpus import embedded_corpus  # noqa: E402
-from gemmascope_jax.data.pipeline import packed_tokens  # noqa: E402
 from gemmascope_jax.data.sources import split_documents  # noqa: E402
 from gemmascope_jax.dictionaries import DictionaryConfig, dictionary_class  # noqa: E402
 from gemmascope_jax.evals.metrics import evaluate  # noqa: E402
-from gemmascope_jax.evals.saebench import keep_mask  # noqa: E402
 from gemmascope_jax.evals.splice import splice_eval  # noqa: E402
-from gemmascope_jax.gemma3.tokenizer import BOS_ID, PAD_ID  # noqa: E402
 from gemmascope_jax.training import (  # noqa: E402
     DictionaryTraining,
-    LossConfig,
-    OptimizerConfig,
     make_train_step,
 )
 
@@ -90,27 +84,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def capture(model, tok, docs, n_tokens: int, seed_offset: int, desc: str):
-    """({site: [N, d] float32} of mlp_in.9 / mlp_out.9 at real non-BOS positions, token
-    batches), as `bench_quality.capture` for one site."""
-    cfg = SimpleNamespace(data=SimpleNamespace(seq_len=128, batch_size=8, seed=0))
-    it = packed_tokens(cfg, tok, docs, epochs=None, seed_offset=seed_offset)
-    forward = model.jitted(capture=(SITE_IN, SITE_OUT), logits=False)
-    acts, batches, n = {SITE_IN: [], SITE_OUT: []}, [], 0
-    bar = tqdm(total=n_tokens, desc=desc, unit="tok")
-    while n < n_tokens:
-        t = np.asarray(next(it))
-        sites = forward(jnp.asarray(t)).sites
-        valid = keep_mask(t[:, 1:], ignore_ids=(PAD_ID, BOS_ID))
-        for s in acts:
-            acts[s].append(np.asarray(sites[s])[:, 1:][valid].astype(np.float32))
-        batches.append(t)
-        n += int(valid.sum())
-        bar.update(int(valid.sum()))
-    bar.close()
-    return {s: np.concatenate(a)[:n_tokens] for s, a in acts.items()}, batches
-
-
 def dictionary_config(kind: str, l0: int, d_in: int, d_out: int, width: int, k=None):
     """Our config of a variant: transcoders read mlp_in.9 (their default), SAEs mlp_out.9."""
     sae = kind in ("sae", "jumprelu", "topk")
@@ -129,22 +102,9 @@ def dictionary_config(kind: str, l0: int, d_in: int, d_out: int, width: int, k=N
 
 def train_ours(kind, l0, lr, args, acts, order, scales, width):
     """Our dictionary after the run, folded to raw units (short-run settings)."""
-    steps = len(order)
     d = acts[SITE_IN].shape[1]
     cfg = dictionary_config(kind, l0, d, d, width)
-    loss = LossConfig(
-        bandwidth=0.05,
-        threshold_init=0.01,
-        sparsity_warmup_steps=max(1, int(args.sparsity_warmup * steps)),
-        freq_penalty_coeff=0.0,
-        dead_steps=max(1, int(args.dead_window * steps)),
-    )
-    opt = OptimizerConfig(
-        lr=lr,
-        warmup_steps=max(1, int(args.lr_warmup * steps)),
-        warmup_init_fraction=0.1,
-        grad_clip_norm=1.0,
-    )
+    loss, opt = bq.recipe_configs(args, len(order), lr, short_run=True)
     sites = sorted({*cfg.input_sites, *cfg.output_sites})
     step = make_train_step([DictionaryTraining(cfg, loss, opt)])
     mean = {s: acts[s][:8192] / scales[s] for s in sites}
@@ -235,8 +195,11 @@ def main(argv=None) -> int:
         held = {SITE_IN: z["held_in"], SITE_OUT: z["held_out"]}
         splice_tokens = list(z["splice"])
     else:
-        train, _ = capture(model, tok, train_docs, args.train_tokens, 0, "capture train")
-        held, held_batches = capture(model, tok, held_docs, args.heldout_tokens, 2, "held-out")
+        sites = (SITE_IN, SITE_OUT)
+        train, _ = bq.capture(model, tok, train_docs, args.train_tokens, 0, "capture train", sites)
+        held, held_batches = bq.capture(
+            model, tok, held_docs, args.heldout_tokens, 2, "held-out", sites
+        )
         splice_tokens = held_batches[: max(1, args.splice_tokens // (8 * 127))]
         np.savez(
             data_path,
@@ -247,14 +210,7 @@ def main(argv=None) -> int:
             splice=np.stack(splice_tokens),
         )
     scales = estimate_norm_scalars([train], 1, "sqrt_d")  # E||x/s||^2 = d for every side
-    rng = np.random.default_rng(args.seed)
-    n_steps = len(train[SITE_IN]) // args.batch
-    order = [
-        p[i * args.batch : (i + 1) * args.batch]
-        for _ in range(args.epochs)
-        for p in [rng.permutation(len(train[SITE_IN]))]
-        for i in range(n_steps)
-    ]
+    order = bq.epoch_order(len(train[SITE_IN]), args.batch, args.epochs, args.seed)
     print(f"{len(order)} steps of {args.batch} tokens; scales {scales}", flush=True)
 
     results_path = out / "results.json"
