@@ -294,8 +294,10 @@ def estimate_norm_scalars(
             break
     if seen == 0:
         raise ValueError("estimate_norm_scalars: the batch iterator is empty")
-    target = {site: 1.0 if normalization == "unit" else float(widths[site]) for site in sums}
-    return {site: float(np.sqrt(sums[site] / counts[site] / target[site])) for site in sums}
+    mean_sq = {site: sums[site] / counts[site] for site in sums}
+    if normalization == "sqrt_d":
+        mean_sq = {site: m / widths[site] for site, m in mean_sq.items()}
+    return {site: float(np.sqrt(m)) for site, m in mean_sq.items()}
 
 
 def normalize(batch: Batch, scalars: Mapping[str, float]) -> Batch:
