@@ -37,7 +37,7 @@ from flax import nnx
 from gemmascope_jax.dictionaries import activations as act_lib
 from gemmascope_jax.dictionaries.config import DictionaryConfig
 from gemmascope_jax.dictionaries.sparse import SparseCodes, sparsify
-from gemmascope_jax.gemma3.model import Weight
+from gemmascope_jax.gemma3.layers import Weight
 
 ParamSpecs = dict[str, tuple[tuple[int, ...], tuple[str, ...]]]
 OPTIONAL_PARAMS = ("b_pre",)  # may be missing from `from_arrays` input; zeros then

@@ -22,14 +22,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemmascope_jax.gemma3.model import (
-    Attention,
-    Gemma3,
-    Intervention,
-    _attention_masks,
-    _rope_tables,
-    _SiteHooks,
-)
+from gemmascope_jax.gemma3.layers import attention_masks, rope_tables
+from gemmascope_jax.gemma3.model import Attention, Gemma3, Intervention, SiteHooks
 from gemmascope_jax.gemma3.sites import Site
 
 
@@ -79,7 +73,7 @@ def prefill(
     if cache_length < t:
         raise ValueError(f"cache_length {cache_length} is shorter than the prompt ({t})")
     ropes = _ropes(model, jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0))
-    masks = _attention_masks(valid, cfg.sliding_window)
+    masks = attention_masks(valid, cfg.sliding_window)
     h = model.embed(jnp.asarray(tokens))
     kv_pairs: list[tuple[jax.Array, jax.Array]] = []
     for i, layer in enumerate(model.layers):
@@ -141,8 +135,8 @@ def decode_step(
     return _last_logits(model, h, hook), cache
 
 
-def _decoding_hooks(num_layers: int, interventions) -> _SiteHooks:
-    hook = _SiteHooks(num_layers, (), interventions or {})
+def _decoding_hooks(num_layers: int, interventions) -> SiteHooks:
+    hook = SiteHooks(num_layers, (), interventions or {})
     if patterns := [s.name for s in hook.interventions if s.kind == "attn_pattern"]:
         raise ValueError(
             f"interventions at {patterns} are not supported with the KV cache (the pattern's key "
@@ -154,7 +148,7 @@ def _decoding_hooks(num_layers: int, interventions) -> _SiteHooks:
 def _ropes(model: Gemma3, positions: jax.Array) -> dict[bool, tuple[jax.Array, jax.Array]]:
     cfg = model.cfg
     return {
-        sliding: _rope_tables(positions, cfg.head_dim, *model._rope_params(sliding), cfg.dtype)
+        sliding: rope_tables(positions, cfg.head_dim, *model.rope_params(sliding), cfg.dtype)
         for sliding in (True, False)
     }
 
@@ -196,7 +190,7 @@ def _slot_mask(valid: jax.Array, index: jax.Array, n_slots: int) -> jax.Array:
     return seen[:, None, None, None, :]
 
 
-def _last_logits(model: Gemma3, h: jax.Array, hook: _SiteHooks) -> jax.Array:
+def _last_logits(model: Gemma3, h: jax.Array, hook: SiteHooks) -> jax.Array:
     """h [batch, t, d_model] -> logits of the last column [batch, vocab] (final_norm and logits
     interventions apply)."""
     h = hook.apply(Site("final_norm"), model.norm(h))

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from gemmascope_jax.gemma3.config import Gemma3Config
-from gemmascope_jax.gemma3.model import Gemma3, Weight
+from gemmascope_jax.gemma3.layers import Weight
+from gemmascope_jax.gemma3.model import Gemma3
 from gemmascope_jax.safetensors_io import SafetensorsFile, write_safetensors
 from gemmascope_jax.sharding import LOGICAL_RULES, logical_sharding
 

@@ -22,22 +22,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemmascope_jax.gemma3.config import Gemma3Config
+from gemmascope_jax.gemma3.layers import (
+    Linear,
+    RMSNorm,
+    apply_rope,
+    attention_masks,
+    matmul,
+    rope_tables,
+    weight,
+)
 from gemmascope_jax.gemma3.sites import Site, resolve_site
 
 Intervention = Callable[[jax.Array], jax.Array]
-
-
-class Weight(nnx.Param):
-    """A parameter with `logical_axes` metadata (names from `sharding.LOGICAL_RULES`)."""
-
-
-def _weight(rngs: nnx.Rngs, shape, logical_axes, dtype, std: float | None) -> Weight:
-    value = (
-        jnp.zeros(shape, dtype)
-        if std is None
-        else std * jax.random.normal(rngs.params(), shape, dtype=dtype)
-    )
-    return Weight(value, logical_axes=logical_axes)
 
 
 @flax.struct.dataclass
@@ -47,40 +43,6 @@ class Gemma3Output:
 
     logits: jax.Array | None
     sites: dict[str, jax.Array]
-
-
-class RMSNorm(nnx.Module):
-    """Gemma RMSNorm: `x / rms(x) * (1 + w)` computed in float32 (or wider), cast back."""
-
-    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
-        self.eps = eps
-        self.weight = _weight(rngs, (dim,), ("norm",), param_dtype, std=None)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        compute = jnp.promote_types(x.dtype, jnp.float32)
-        xf = x.astype(compute)
-        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + self.weight[...].astype(compute))).astype(x.dtype)
-
-
-class Linear(nnx.Module):
-    """Bias-free projection with kernel `[in, out]`."""
-
-    def __init__(self, d_in, d_out, logical_axes, *, param_dtype, rngs: nnx.Rngs):
-        self.kernel = _weight(rngs, (d_in, d_out), logical_axes, param_dtype, std=0.02)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _matmul(x, self.kernel[...].astype(x.dtype))
-
-
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x @ w` accumulated in float32 (or wider) and rounded once to x's dtype.
-
-    Same numbers as a plain matmul in float32; for bfloat16 it matches torch's bf16 GEMM
-    (float32 accumulation) and lets XLA's CPU backend use its fast bf16 x bf16 -> f32 dot.
-    """
-    wide = jnp.promote_types(x.dtype, jnp.float32)
-    return jnp.matmul(x, w, preferred_element_type=wide).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -113,8 +75,8 @@ class Attention(nnx.Module):
         k_bskh = self.k_norm(self.k_proj(x).reshape(b, t, kv, hd))
         v_bskh = self.v_proj(x).reshape(b, t, kv, hd)
         cos, sin = rope
-        q_btkgh = _apply_rope(q_btkgh, cos[:, :, None, None], sin[:, :, None, None])
-        k_bskh = _apply_rope(k_bskh, cos[:, :, None], sin[:, :, None])
+        q_btkgh = apply_rope(q_btkgh, cos[:, :, None, None], sin[:, :, None, None])
+        k_bskh = apply_rope(k_bskh, cos[:, :, None], sin[:, :, None])
         return q_btkgh, k_bskh, v_bskh
 
     def attend(self, q_btkgh, k_bskh, v_bskh, mask: jax.Array, hook) -> jax.Array:
@@ -189,7 +151,7 @@ class Gemma3(nnx.Module):
     def __init__(self, cfg: Gemma3Config, *, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
-        self.embed_tokens = _weight(
+        self.embed_tokens = weight(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype, 0.02
         )
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
@@ -207,7 +169,7 @@ class Gemma3(nnx.Module):
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """Final-normed hidden [..., d_model] -> logits [..., vocab] (tied embedding, no scale)."""
-        return _matmul(h, self.embed_tokens[...].astype(h.dtype).T)
+        return matmul(h, self.embed_tokens[...].astype(h.dtype).T)
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -237,7 +199,7 @@ class Gemma3(nnx.Module):
             collection wants.
         """
         cfg = self.cfg
-        hook = _SiteHooks(cfg.num_layers, capture, interventions or {})
+        hook = SiteHooks(cfg.num_layers, capture, interventions or {})
         tokens = jnp.asarray(tokens)
         b, t = tokens.shape
         if attention_mask is None:
@@ -250,9 +212,9 @@ class Gemma3(nnx.Module):
 
         need_head = logits or hook.needs_global()
         last_layer = cfg.num_layers - 1 if need_head else hook.deepest_layer()
-        masks = _attention_masks(valid, cfg.sliding_window)
+        masks = attention_masks(valid, cfg.sliding_window)
         ropes = {
-            sliding: _rope_tables(positions, cfg.head_dim, *self._rope_params(sliding), cfg.dtype)
+            sliding: rope_tables(positions, cfg.head_dim, *self.rope_params(sliding), cfg.dtype)
             for sliding in (True, False)
         }
 
@@ -267,7 +229,8 @@ class Gemma3(nnx.Module):
                 out_logits = hook.apply(Site("logits"), self.unembed(h))
         return Gemma3Output(logits=out_logits if logits else None, sites=hook.results())
 
-    def _rope_params(self, sliding: bool) -> tuple[float, float]:
+    def rope_params(self, sliding: bool) -> tuple[float, float]:
+        """RoPE (base, scaling) of sliding (local) or full (global) attention layers."""
         if sliding:
             return self.cfg.rope_local_base, 1.0
         return self.cfg.rope_global_base, self.cfg.rope_global_scaling
@@ -305,7 +268,7 @@ class Gemma3(nnx.Module):
         return forward
 
 
-class _SiteHooks:
+class SiteHooks:
     """Applies interventions and records captures as the forward passes each site."""
 
     def __init__(self, num_layers: int, capture: Iterable[str], interventions: Mapping):
@@ -350,37 +313,3 @@ class _SiteHooks:
 
     def results(self) -> dict[str, jax.Array]:
         return {name: self.values[site] for site, names in self.wanted.items() for name in names}
-
-
-def _attention_masks(valid: jax.Array, window: int) -> dict[bool, jax.Array]:
-    """Boolean masks [batch, 1, 1, q, k] for sliding (True) and full (False) layers.
-
-    Causal `k <= q`; sliding layers also need `q - k < window` (a query sees itself and the
-    previous window-1 tokens); padded keys are masked.
-    """
-    t = valid.shape[-1]
-    q_idx = jnp.arange(t)[:, None]
-    k_idx = jnp.arange(t)[None, :]
-    causal = k_idx <= q_idx
-    keys = valid[:, None, None, None, :]
-    full = causal[None, None, None] & keys
-    sliding = (causal & (q_idx - k_idx < window))[None, None, None] & keys
-    return {True: sliding, False: full}
-
-
-def _rope_tables(positions, head_dim: int, base: float, scaling: float, dtype):
-    """cos/sin [batch, seq, head_dim] as transformers builds them (fp32 angles, cast to dtype)."""
-    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq = 1.0 / (jnp.float32(base) ** exponent)
-    if scaling != 1.0:
-        inv_freq = inv_freq / jnp.float32(scaling)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Half-split (NeoX) rotation over the last axis."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin

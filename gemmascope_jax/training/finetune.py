@@ -98,14 +98,15 @@ def forward_from(model, resid_pre: jax.Array, start: int, valid: jax.Array, inte
     clean run's `resid_pre.{start}`) to the unembedding, with `interventions` at sites of
     layers >= start: the same computation as `model(tokens, attention_mask=valid,
     interventions=...)` without re-running layers 0..start-1."""
-    from gemmascope_jax.gemma3.model import _attention_masks, _rope_tables, _SiteHooks
+    from gemmascope_jax.gemma3.layers import attention_masks, rope_tables
+    from gemmascope_jax.gemma3.model import SiteHooks
 
     cfg = model.cfg
-    hook = _SiteHooks(cfg.num_layers, (), interventions)
+    hook = SiteHooks(cfg.num_layers, (), interventions)
     positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
-    masks = _attention_masks(valid, cfg.sliding_window)
+    masks = attention_masks(valid, cfg.sliding_window)
     ropes = {
-        sliding: _rope_tables(positions, cfg.head_dim, *model._rope_params(sliding), cfg.dtype)
+        sliding: rope_tables(positions, cfg.head_dim, *model.rope_params(sliding), cfg.dtype)
         for sliding in (True, False)
     }
     h = resid_pre
