@@ -27,11 +27,10 @@ for an MXU dot is a strided sublane load that took ~8 s of Mosaic compile per bf
 (10 min for a 270M CLT's fwd+bwd); the vector-unit loop compiles in under 1 s. In-kernel
 vector indexing of VMEM refs is rejected (jax #39366).
 
-Tiles (`TpuTiles`) are parameters with per-generation defaults (`default_tiles`): the token
-tile, and the column tile as the largest multiple of 128 dividing the columns whose scratch
-fits a quarter of the generation's default scoped VMEM. Scalar prefetch is bounded by SMEM,
-so long token axes are split into calls of at most `max_prefetch` pairs.
-`tpu_unsupported` says why a shape cannot run (the caller then falls back to XLA).
+Tiles (`TpuTiles`, per-generation `default_tiles`) and the shape checks
+(`tpu_unsupported`: why a shape cannot run, the caller then falls back to XLA) live in
+`tpu_tiles.py`. Scalar prefetch is bounded by SMEM, so long token axes are split into calls
+of at most `max_prefetch` pairs.
 
 Compiled for real TPU topologies (v5e, v5p) by `tests/test_tpu_compile.py` through libtpu's
 AOT compiler; on CPU the kernels run in the TPU-faithful interpreter
@@ -40,7 +39,6 @@ AOT compiler; on CPU the kernels run in the TPU-faithful interpreter
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -50,88 +48,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.manual_call import manual_pallas_call, sparse_rows_cost
-
-LANES = 128
-MiB = 1 << 20
-# Default scoped-VMEM limit per generation (what XLA:TPU grants a kernel without an explicit
-# `vmem_limit_bytes`; the v5 figure is the limit libtpu 0.0.42 reported in a
-# CompileTimeScopedVmemOom for v5p). Scratch is kept to a quarter of it (double-buffered
-# operand and output blocks live there too).
-SCOPED_VMEM = {"v4": 16 * MiB, "v5e": 16 * MiB, "v5p": 16 * MiB, "v6e": 32 * MiB}
-LATENT_TILE = 8  # latents per grid step of the decoder gradient (the sublane count)
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuTiles:
-    """token_tile: tokens per grid step (multiple of 8, the sublane count); vmem_budget:
-    bytes of VMEM scratch a step may use (sets the column tile); max_prefetch: indices
-    scalar-prefetched into SMEM per call (longer token axes are split into calls)."""
-
-    token_tile: int = 8
-    vmem_budget: int = 4 * MiB
-    max_prefetch: int = 1 << 15
-
-    def __post_init__(self):
-        if self.token_tile < 8 or self.token_tile % 8:
-            raise ValueError(f"token_tile must be a positive multiple of 8, got {self.token_tile}")
-        if self.vmem_budget < LANES * 4 * 8 or self.max_prefetch < self.token_tile:
-            raise ValueError(f"tiles too small: {self}")
-
-
-def generation(device_kind: str) -> str:
-    """'v4', 'v5e', 'v5p', 'v6e' from a TPU `device_kind` ('TPU v5 lite', 'TPU v5p', ...)."""
-    kind = device_kind.lower()
-    if "v6" in kind:
-        return "v6e"
-    if "v5" in kind:
-        return "v5e" if ("lite" in kind or "v5e" in kind) else "v5p"
-    return "v4"
-
-
-def default_tiles(device_kind: str | None = None) -> TpuTiles:
-    """Per-generation defaults: scratch within a quarter of the scoped VMEM (v6e: twice the
-    v4/v5 budget, so twice the column tile); 8 tokens per step everywhere."""
-    if device_kind is None:
-        device = jax.devices()[0]
-        device_kind = device.device_kind if device.platform == "tpu" else "TPU v5p"
-    return TpuTiles(vmem_budget=SCOPED_VMEM[generation(device_kind)] // 4)
-
-
-def column_tile(
-    n_cols: int, n_active: int, itemsize: int, tiles: TpuTiles, n_rows: int | None = None
-) -> int | None:
-    """Largest multiple of 128 dividing `n_cols` whose scratch [n_rows, tile] (default rows:
-    TT·K) fits the VMEM budget; `n_cols` itself when it is narrower than 128 and fits; None
-    when nothing fits."""
-    row_bytes = (tiles.token_tile * n_active if n_rows is None else n_rows) * itemsize
-    if n_cols % LANES:
-        return n_cols if n_cols < LANES and n_cols * row_bytes <= tiles.vmem_budget else None
-    best = None
-    for tile in range(LANES, n_cols + 1, LANES):
-        if n_cols % tile == 0 and tile * row_bytes <= tiles.vmem_budget:
-            best = tile
-    return best
-
-
-def tpu_unsupported(
-    n_active: int, n_cols: int, dtype, tiles: TpuTiles, n_rows: int | None = None
-) -> str:
-    """Why the kernels cannot run this shape ('' when they can)."""
-    if column_tile(n_cols, n_active, jnp.dtype(dtype).itemsize, tiles, n_rows) is None:
-        rows = f"[TT, K={n_active}" if n_rows is None else f"[{n_rows}"
-        return (
-            f"no column tile: {n_cols} columns are not a multiple of {LANES} (or a {rows}, "
-            f"tile] scratch exceeds the VMEM budget {tiles.vmem_budget} B)"
-        )
-    return ""
-
-
-def tpu_backward_unsupported(n_active: int, n_cols: int, dtype, tiles: TpuTiles) -> str:
-    """Why the backward's kernels (`tpu_row_dots` on a `dtype` table, `tpu_latent_rows`)
-    cannot run this shape ('' when they can)."""
-    return tpu_unsupported(n_active, n_cols, dtype, tiles) or tpu_unsupported(
-        0, n_cols, jnp.float32, tiles, _latent_rows_scratch(tiles)
-    )
+from pallas_kernels.tpu_tiles import (
+    LANES,
+    LATENT_TILE,
+    TpuTiles,
+    column_tile,
+    default_tiles,
+    latent_rows_scratch,
+    tpu_unsupported,
+)
+from pallas_kernels.xla_decode import sort_by_latent
 
 
 def _gather_to_vmem(idx_ref, table_hbm, rows, sem, *, first, n_active, token_tile, col, width):
@@ -463,7 +389,7 @@ def tpu_latent_rows(
     chunks accumulate in place (the previous result aliased to the output)."""
     tiles = tiles or default_tiles()
     n_cols = g.shape[1] - col_offset if n_cols is None else n_cols
-    if why := tpu_unsupported(0, n_cols, jnp.float32, tiles, _latent_rows_scratch(tiles)):
+    if why := tpu_unsupported(0, n_cols, jnp.float32, tiles, latent_rows_scratch(tiles)):
         raise ValueError(f"tpu_latent_rows: {why}")
     out = None
     for a, b in _token_chunks(values.shape[0], values.shape[1], tiles):
@@ -473,19 +399,12 @@ def tpu_latent_rows(
     return out[:n_latents]
 
 
-def _latent_rows_scratch(tiles: TpuTiles) -> int:
-    """Float32 scratch rows of `tpu_latent_rows`: the accumulator and a batch of g rows."""
-    return LATENT_TILE + tiles.token_tile * 8
-
-
 def _latent_rows_call(
     values, indices, first_token, g, prev, n_latents, offset, n_cols, tiles, interpret
 ):
-    from pallas_kernels.decode import sort_by_latent
-
     n_tokens, n_active = indices.shape
-    lt, batch = LATENT_TILE, _latent_rows_scratch(tiles) - LATENT_TILE
-    col_tile = column_tile(n_cols, 0, 4, tiles, _latent_rows_scratch(tiles))
+    lt, batch = LATENT_TILE, latent_rows_scratch(tiles) - LATENT_TILE
+    col_tile = column_tile(n_cols, 0, 4, tiles, latent_rows_scratch(tiles))
     n_pairs = n_tokens * n_active
     latents, order = sort_by_latent(indices.reshape(-1), n_latents)
     tokens = first_token + order // n_active

@@ -66,10 +66,6 @@ ALLOWED = {
         "built on the package's load_dictionary/detect_format: a facade cycle, safe because the "
         "forward runs only at call time, after both modules are loaded"
     ),
-    ("pallas_kernels.tpu_kernel", "pallas_kernels.decode"): (
-        "decode dispatches lazily to the TPU kernel, which borrows decode.sort_by_latent; "
-        "moving sort_by_latent to a lower kernel module would break the cycle"
-    ),
 }
 
 

@@ -14,9 +14,9 @@ from gemmascope_jax.dictionaries import activations as act_lib
 from gemmascope_jax.dictionaries.sparse import fire_counts, sparsify, topk_codes
 from gemmascope_jax.training.losses import LossConfig, dictionary_loss
 from pallas_kernels import IMPL_ENV, resolve_impl, sparse_decode, sparse_decode_single, use_impl
-from pallas_kernels.decode import ell_layout, sort_by_latent, xla_table_grad
 from pallas_kernels.gpu_kernel import gpu_gather_rows
 from pallas_kernels.tpu_kernel import tpu_gather_rows
+from pallas_kernels.xla_decode import ell_layout, sort_by_latent, xla_table_grad
 
 F, D = 7, 6
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}

@@ -16,15 +16,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels import sparse_decode
-from pallas_kernels.tpu_kernel import (
+from pallas_kernels.tpu_kernel import tpu_gather_rows, tpu_latent_rows, tpu_row_dots
+from pallas_kernels.tpu_tiles import (
     SCOPED_VMEM,
     TpuTiles,
     column_tile,
     default_tiles,
     generation,
-    tpu_gather_rows,
-    tpu_latent_rows,
-    tpu_row_dots,
     tpu_unsupported,
 )
 
