@@ -12,7 +12,7 @@ On the embedded Gemma 3 270M:
    KL term's effect is separated from "more training".
 3. **Measure** on held-out text unlike the training text: the public-domain English prose
    and dialogue of `gemmascope_jax/data/heldout/english_prose.jsonl` (Carroll, Austen; never
-   a training source). The trainer's own held-out eval (`training.trainer._HeldoutEval`:
+   a training source). The trainer's own held-out eval (`evals.heldout.HeldoutEval`:
    `evals.metrics.evaluate` for FVU / L0 and `evals.splice.splice_eval` for delta LM loss
    and KL) runs on the exported (folded, raw-unit) dictionaries, before and after.
    `--train-heldout` also measures on the first stage's held-out split of its training data.
@@ -105,16 +105,16 @@ def measure(cfg, model, tok, exports: dict[str, str], docs, tokens: int) -> dict
     """Held-out FVU / L0 / delta loss / KL of each exported dictionary (the trainer's eval)."""
     import dataclasses
 
+    from gemmascope_jax.evals.heldout import HeldoutEval
     from gemmascope_jax.formats import load_dictionary
     from gemmascope_jax.training.report import _scalars
-    from gemmascope_jax.training.trainer import _HeldoutEval
 
     dicts = {name: load_dictionary(path) for name, path in exports.items()}
     sites = sorted({s for d in dicts.values() for s in (*d.cfg.input_sites, *d.cfg.output_sites)})
     ecfg = dataclasses.replace(
         cfg, eval=dataclasses.replace(cfg.eval, heldout_tokens=tokens, splice=True)
     )
-    evals = _HeldoutEval(ecfg, model, tok, sites, docs)(dicts)
+    evals = HeldoutEval(ecfg, model, tok, sites, docs)(dicts)
     return {n: {k: v for k, v in _scalars(e).items()} for n, e in evals.items()}
 
 
@@ -124,10 +124,10 @@ def main(argv=None) -> int:
     import jax
 
     from gemmascope_jax.data.corpus import open_source
-    from gemmascope_jax.data.sources import split_documents
+    from gemmascope_jax.data.pipeline import split_run_documents
     from gemmascope_jax.gemma3.loading import load_gemma3
     from gemmascope_jax.training.finetune import run_finetune
-    from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents, run_training
+    from gemmascope_jax.training.trainer import run_training
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -159,9 +159,7 @@ def main(argv=None) -> int:
     english = open_source(str(HELDOUT), field="text")
     sets = {"english": english}
     if args.train_heldout:
-        sets["training held-out"] = split_documents(
-            _documents(first_cfg), holdout=HELDOUT_FRACTION, seed=first_cfg.data.seed
-        )[1]
+        sets["training held-out"] = split_run_documents(first_cfg)[1]
     results: dict[str, dict] = {k: {} for k in sets}
     for set_name, docs in sets.items():
         for variant, paths in exports.items():

@@ -26,11 +26,15 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from gemmascope_jax.data.activations import normalize  # noqa: E402
-from gemmascope_jax.data.sources import split_documents  # noqa: E402
+from gemmascope_jax.data.pipeline import (  # noqa: E402
+    activation_stream,
+    norm_scalars_of,
+    sharded_forward,
+    split_run_documents,
+)
 from gemmascope_jax.gemma3.loading import load_gemma3  # noqa: E402
 from gemmascope_jax.training import make_train_step  # noqa: E402
-from gemmascope_jax.training import trainer as tr  # noqa: E402
-from gemmascope_jax.training.config import load_config  # noqa: E402
+from gemmascope_jax.training.config import dictionary_trainings, load_config  # noqa: E402
 
 
 def timed(fn, n: int) -> list[float]:
@@ -60,15 +64,16 @@ def main() -> None:
     )
     source = None if cfg.model.source == "embedded" else cfg.model.source
     model, tok = load_gemma3(source, dtype=cfg.model.dtype, progress=False)
-    step = make_train_step(tr._trainings(cfg, model))
-    docs, _ = split_documents(tr._documents(cfg), holdout=tr.HELDOUT_FRACTION, seed=0)
+    step = make_train_step(dictionary_trainings(cfg, model))
+    docs, _ = split_run_documents(cfg)
     n_tok = cfg.train.batch_tokens
 
-    stream = tr._stream(cfg, model, tok, step.sites, docs, n_tok, epochs=None)
+    forward = sharded_forward(model, step.sites)
+    stream = activation_stream(cfg, forward, tok, step.sites, docs, n_tok, epochs=None)
     next(stream)  # compile + first buffer fill
     acts = timed(lambda: next(stream), args.steps)
     batches = [normalize(next(stream), {s: 1.0 for s in step.sites}) for _ in range(4)]
-    scalars = tr._norm_scalars(cfg, model, tok, step.sites, docs, n_tok)[0]
+    scalars = norm_scalars_of(cfg, model, tok, step.sites, docs)
     batches = [normalize(b, scalars) for b in batches]
     state = step.init(seed=0)
     state, _ = step(state, step.put_batch(batches[0]))  # compile

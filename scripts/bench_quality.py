@@ -61,7 +61,13 @@ from gemmascope_jax.data.pipeline import packed_tokens  # noqa: E402
 from gemmascope_jax.data.sources import split_documents  # noqa: E402
 from gemmascope_jax.dictionaries import DictionaryConfig, dictionary_class  # noqa: E402
 from gemmascope_jax.evals.saebench import keep_mask  # noqa: E402
-from gemmascope_jax.evals.splice import _ce, _keep_mask, _log_probs, _Splicer, splice_eval  # noqa: E402
+from gemmascope_jax.evals.splice import (  # noqa: E402
+    Splicer,
+    _ce,
+    _keep_mask,
+    _log_probs,
+    splice_eval,
+)
 from gemmascope_jax.gemma3.tokenizer import BOS_ID, PAD_ID  # noqa: E402
 from gemmascope_jax.training import (  # noqa: E402
     DictionaryTraining,
@@ -347,12 +353,12 @@ def activation_metrics(d, x: np.ndarray, scale: float, chunk: int = 2048) -> dic
 @jax.jit
 def _ce_sums(model, d, tokens, scale):
     """(sum of next-token CE, count) over the positions `splice_batch` scores, with d's
-    reconstruction s * d(x / s) spliced in at resid_post.9 (the same `_Splicer`), or clean
+    reconstruction s * d(x / s) spliced in at resid_post.9 (the same `Splicer`), or clean
     for d None. One forward per call: the clean CE is computed once and shared."""
     valid, spliced = _keep_mask(tokens, None)
     interventions = None
     if d is not None:
-        interventions = _Splicer(d, spliced, scale, scale).interventions()
+        interventions = Splicer(d, spliced, scale, scale).interventions()
     logits = model(tokens, interventions=interventions).logits
     mask = (spliced[:, :-1] & valid[:, 1:]).astype(jnp.float32)
     return jnp.sum(_ce(_log_probs(logits), tokens) * mask), jnp.sum(mask)

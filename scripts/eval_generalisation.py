@@ -6,7 +6,7 @@ held-out sources, on the training sources and on text from outside the corpus (i
 
 Reads the run's `config.yaml` and its native exports (`export/<name>/native`: normalisation
 folded in, raw activations), and evaluates every dictionary with the trainer's own held-out
-evaluation (`trainer._HeldoutEval`: the same packing, BOS masking, metrics and splice) on:
+evaluation (`evals.heldout.HeldoutEval`: the same packing, BOS masking, metrics and splice) on:
 
 - `heldout sources`: the corpus's held-out split (whole sources training never sees), and
   each held-out kind of text on its own (wikipedia.en, chat, kjv, code);
@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from gemmascope_jax.data.corpus import embedded_corpus, open_source, source_kind
-from gemmascope_jax.data.sources import SubsetSource, source_labels, split_documents
+from gemmascope_jax.data.pipeline import split_run_documents
+from gemmascope_jax.data.sources import SubsetSource, source_labels
+from gemmascope_jax.evals.heldout import HeldoutEval
 from gemmascope_jax.formats import load_dictionary
 from gemmascope_jax.gemma3.loading import load_gemma3
 from gemmascope_jax.training.config import load_config
-from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents, _HeldoutEval
 
 KEYS = ("fvu", "l0", "dense_fraction", "delta_loss", "kl")
 
@@ -63,8 +64,7 @@ def main(argv=None) -> int:
         dicts[spec.name] = load_dictionary(path)
     sites = sorted({s for d in dicts.values() for s in (*d.cfg.input_sites, *d.cfg.output_sites)})
 
-    docs = _documents(cfg, model, tok, progress=False)
-    train, heldout = split_documents(docs, holdout=HELDOUT_FRACTION, seed=cfg.data.seed)
+    train, heldout = split_run_documents(cfg, model, tok, progress=False)
     sets = {"heldout sources": heldout, "training sources": train}
     labels = source_labels(heldout)
     if labels is not None:
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     results = {}
     for set_name, set_docs in sets.items():
         t0 = time.perf_counter()
-        evals = _HeldoutEval(cfg, model, tok, sites, set_docs)(dicts)
+        evals = HeldoutEval(cfg, model, tok, sites, set_docs)(dicts)
         results[set_name] = {
             name: {k: float(v) for k, v in m.items() if k in KEYS and np.ndim(v) == 0}
             for name, m in evals.items()

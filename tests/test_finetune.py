@@ -25,7 +25,8 @@ from gemmascope_jax.evals.splice import splice_batch
 from gemmascope_jax.formats import load_dictionary
 from gemmascope_jax.sharding import make_mesh
 from gemmascope_jax.training.config import load_config
-from gemmascope_jax.training.finetune import FinetuneStep, run_finetune
+from gemmascope_jax.training.finetune import run_finetune
+from gemmascope_jax.training.finetune_step import FinetuneStep
 from gemmascope_jax.training.losses import LossConfig
 from gemmascope_jax.training.optimizer import OptimizerConfig
 from gemmascope_jax.training.step import DictionaryTraining
@@ -375,21 +376,21 @@ def test_finetune_starts_from_an_export_folder_like_from_the_checkpoint(stage1):
     """`finetune.init_from` an export folder (`<name>/native` per dictionary) instead of a
     run directory: the exports, unfolded with scalars estimated on the run's data, are the
     checkpoint's dictionaries (the same scalars, the same functions of the activations)."""
-    from gemmascope_jax.data.sources import split_documents
+    from gemmascope_jax.data.pipeline import norm_scalars_of, split_run_documents
     from gemmascope_jax.gemma3.loading import load_gemma3
-    from gemmascope_jax.training.finetune import _first_stage, _norm_scalars
+    from gemmascope_jax.training.config import dictionary_trainings
+    from gemmascope_jax.training.finetune import _first_stage
     from gemmascope_jax.training.step import TrainStep
-    from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents, _trainings
 
     model_dir, first = stage1
     with jax.enable_x64(False):
         model, tok = load_gemma3(model_dir, progress=False)
         cfg = load_config(first / "config.yaml", [f"finetune.init_from={first}"])
-        step = TrainStep(_trainings(cfg, model), make_mesh(1, 1), donate=False)
-        train_docs = split_documents(_documents(cfg), HELDOUT_FRACTION, cfg.data.seed)[0]
+        step = TrainStep(dictionary_trainings(cfg, model), make_mesh(1, 1), donate=False)
+        train_docs = split_run_documents(cfg)[0]
 
         def estimate():
-            return _norm_scalars(cfg, model, tok, step.sites, train_docs)
+            return norm_scalars_of(cfg, model, tok, step.sites, train_docs)
 
         ckpt_dicts, ckpt_scalars, where = _first_stage(cfg, step, estimate)
         assert where.startswith("checkpoint")

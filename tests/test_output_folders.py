@@ -131,16 +131,16 @@ def test_convert_refuses_an_existing_folder_without_force(tmp_path, capsys):
 
 
 def test_trainer_exports_replace_only_their_own_folders(tmp_path):
-    from gemmascope_jax.training.trainer import _save
+    from gemmascope_jax.training.export import save_export
 
     path = tmp_path / "export" / "sae_resid_post_1" / "native"
-    assert _save(_sae(0), path, "native", "sae") == str(path)
-    assert _save(_sae(1), path, "native", "sae") == str(path)  # a re-run replaces its export
+    assert save_export(_sae(0), path, "native", "sae") == str(path)
+    assert save_export(_sae(1), path, "native", "sae") == str(path)  # a re-run replaces its export
     np.testing.assert_array_equal(
         np.asarray(load_dictionary(path).arrays()["w_enc"]), np.asarray(_sae(1).arrays()["w_enc"])
     )
     user = _user_folder(tmp_path / "export" / "mine" / "native")
-    result = _save(_sae(2), user, "native", "mine")
+    result = save_export(_sae(2), user, "native", "mine")
     assert result.startswith("skipped:") and "did not create it" in result and _intact(user)
 
 

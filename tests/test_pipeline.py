@@ -28,9 +28,8 @@ from gemmascope_jax.data.pipeline import (
 from gemmascope_jax.data.shards import concat_batches
 from gemmascope_jax.gemma3.loading import load_gemma3
 from gemmascope_jax.sharding import make_mesh
-from gemmascope_jax.training.config import RunConfig
+from gemmascope_jax.training.config import RunConfig, dictionary_trainings
 from gemmascope_jax.training.step import make_train_step
-from gemmascope_jax.training.trainer import _trainings
 from tests.test_data_activations import SITES, model, small_docs, tokens  # noqa: F401
 from tests.test_data_packing import StubTokenizer, as_source
 
@@ -170,7 +169,7 @@ def sharded_tiny(hf_tiny_dir):
 
 def pipeline(cfg, sharded_tiny, prefetch=2):
     lm, mesh = sharded_tiny
-    step = make_train_step(_trainings(cfg, lm), mesh)
+    step = make_train_step(dictionary_trainings(cfg, lm), mesh)
     docs = as_source(small_docs(200))
     return ActivationPipeline(cfg, lm, StubTokenizer(), step.sites, docs, step, prefetch=prefetch)
 
@@ -228,7 +227,7 @@ SCRIPT = textwrap.dedent(
     from gemmascope_jax.sharding import lm_rules, make_mesh
     from gemmascope_jax.training.checkpoint import Checkpointer
     from gemmascope_jax.training.step import make_train_step
-    from gemmascope_jax.training.trainer import _trainings
+    from gemmascope_jax.training.config import dictionary_trainings
     from tests.test_data_activations import small_docs
     from tests.test_data_packing import StubTokenizer, as_source
     from tests.test_pipeline import run_config
@@ -246,7 +245,7 @@ SCRIPT = textwrap.dedent(
         assert kernel.addressable_shards[0].data.shape == (64 // data, 96 // model_axis)
     from pathlib import Path
     cfg = run_config(model_dir, Path(run_dir))
-    step = make_train_step(_trainings(cfg, model), mesh)
+    step = make_train_step(dictionary_trainings(cfg, model), mesh)
     pipe = ActivationPipeline(cfg, model, StubTokenizer(), step.sites,
                               as_source(small_docs(200)), step, prefetch=2)
     ckpt = Checkpointer(Path(run_dir) / "ckpt", keep=2, every_steps=2, handle_sigterm=False)

@@ -331,7 +331,7 @@ def test_single_layer_kind_over_several_layers_is_one_dictionary_per_layer():
 
 
 def test_sparse_decode_options_reach_the_loss_and_are_checked():
-    from gemmascope_jax.training.trainer import _trainings
+    from gemmascope_jax.training.config import dictionary_trainings
 
     cfg = load_config(DEMO, ["dictionaries.0.sparse_k=64", "dictionaries.0.topk_recall=0.95"])
     assert (cfg.dictionaries[0].sparse_k, cfg.dictionaries[0].topk_recall) == (64, 0.95)
@@ -339,7 +339,7 @@ def test_sparse_decode_options_reach_the_loss_and_are_checked():
     class _Model:
         cfg = preset("270m")
 
-    loss = _trainings(cfg, _Model())[0].loss
+    loss = dictionary_trainings(cfg, _Model())[0].loss
     assert (loss.sparse_k, loss.topk_recall) == (64, 0.95)
     problems, _ = _problems(
         ["dictionaries.1.architecture=topk", "dictionaries.1.k=8", "dictionaries.1.sparse_k=8"]

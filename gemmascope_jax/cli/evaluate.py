@@ -73,14 +73,11 @@ def load_any_dictionary(path):
 
 def heldout_documents(config_path, model, tok):
     """The held-out split of a run config's documents, as its training run splits them."""
-    from gemmascope_jax.data.sources import split_documents
+    from gemmascope_jax.data.pipeline import split_run_documents
     from gemmascope_jax.training.config import load_config
-    from gemmascope_jax.training.trainer import HELDOUT_FRACTION, _documents
 
     cfg = load_config(config_path, [])
-    docs = _documents(cfg, model, tok, progress=False)
-    _, held = split_documents(docs, holdout=HELDOUT_FRACTION, seed=cfg.data.seed)
-    return held
+    return split_run_documents(cfg, model, tok, progress=False)[1]
 
 
 def _source(args, model, tok):

@@ -44,16 +44,20 @@ from tqdm.auto import tqdm
 
 from gemmascope_jax.data.activations import ActivationStream, estimate_norm_scalars, normalize
 from gemmascope_jax.data.cache import ActivationCacheReader, read_manifest, write_activation_cache
+from gemmascope_jax.data.corpus import embedded_corpus, open_source
 from gemmascope_jax.data.packing import PackedTokens
+from gemmascope_jax.data.rollouts import rollout_documents
 from gemmascope_jax.data.shards import (
     ShardedBatches,
     combine_norm_scalars,
     concat_batches,
     local_shards,
 )
+from gemmascope_jax.data.sources import ConcatSource, LossTokensSource, split_documents
 
 log = logging.getLogger(__name__)
 DEFAULT_PREFETCH = 2
+HELDOUT_FRACTION = 0.1  # of a run's documents, held out by source (`split_documents`)
 Batch = dict[str, Any]
 
 
@@ -202,6 +206,32 @@ class Prefetcher(Iterator):
         self._thread, self._queue = None, None
 
 
+# ---- the run's documents -----------------------------------------------------------------------
+
+
+def run_documents(cfg, model=None, tok=None, progress: bool = True):
+    """The documents of `cfg.data.sources`, concatenated: `rollouts` sources are generated with
+    `model` (or reused), chats of a source with `loss_tokens` other than "all" are tagged for
+    the loss mask."""
+    parts = []
+    for i, src in enumerate(cfg.data.sources):
+        if src.type == "embedded":
+            docs = embedded_corpus(src.path)
+        elif src.type == "rollouts":
+            docs = rollout_documents(cfg, i, model, tok, progress=progress)
+        else:
+            docs = open_source(src.path, field=src.text_field)
+        parts.append(docs if src.loss_tokens == "all" else LossTokensSource(docs, src.loss_tokens))
+    return parts[0] if len(parts) == 1 else ConcatSource(parts)
+
+
+def split_run_documents(cfg, model=None, tok=None, progress: bool = True):
+    """(training, held-out) documents of the run: `HELDOUT_FRACTION` held out by source with
+    the data seed, as the trainer, the finetune stage and `evaluate --data` all split."""
+    docs = run_documents(cfg, model, tok, progress=progress)
+    return split_documents(docs, holdout=HELDOUT_FRACTION, seed=cfg.data.seed)
+
+
 # ---- the pipeline --------------------------------------------------------------------------------
 
 
@@ -253,6 +283,34 @@ def activation_stream(
         forward=forward,
         **kw,
     )
+
+
+def norm_scalars_of(cfg, model, tok, sites, docs) -> dict[str, float]:
+    """Per-site normalisation scalars of `docs` estimated as the first stage does without an
+    activation cache (`ActivationPipeline.init_norm_scalars`: `data.norm_tokens` tokens of
+    the live stream with seed offset 1, one data shard), e.g. to unfold exported
+    dictionaries for a finetune."""
+    batch_tokens = cfg.train.batch_tokens
+    n_batches = max(1, cfg.data.norm_tokens // batch_tokens)
+    forward = sharded_forward(model, tuple(sites))
+    stream = activation_stream(
+        cfg,
+        forward,
+        tok,
+        tuple(sites),
+        docs,
+        batch_tokens,
+        epochs=None,
+        seed_offset=1,
+        shard=(0, 1),
+    )
+    try:
+        scalars = combine_norm_scalars(
+            [estimate_norm_scalars(stream, n_batches, cfg.data.normalization)]
+        )
+    finally:
+        getattr(stream, "close", lambda: None)()
+    return {k: float(v) for k, v in scalars.items()}
 
 
 class ActivationPipeline(Iterator[Batch]):

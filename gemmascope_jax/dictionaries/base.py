@@ -223,6 +223,17 @@ class Dictionary(nnx.Module):
         return None if param is None else param[...].astype(dtype)
 
 
+def stack_sites(sites: Mapping[str, Any], names, multilayer: bool):
+    """A dictionary's input or target from per-site arrays: the one site's [..., d] as it is,
+    or the sites `names` stacked to [..., L, d] for multi-layer kinds (numpy stays numpy)."""
+    if not multilayer:
+        return sites[names[0]]
+    xs = [sites[s] for s in names]
+    if all(isinstance(x, np.ndarray) for x in xs):
+        return np.stack(xs, axis=-2)
+    return jnp.stack(xs, axis=-2)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _jitted_init(cls: type[Dictionary], cfg: DictionaryConfig, key: jax.Array):
     # One compiled program instead of one compilation per random op and shape.

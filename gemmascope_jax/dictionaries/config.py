@@ -47,7 +47,26 @@ _DEFAULT_SITES = {
     "clt": ("mlp_in", "mlp_out"),
     "crosscoder": ("resid_post", "resid_post"),
 }
+# Matryoshka group sizes as fractions of the width; the last group takes the rest (17/32),
+# so the prefixes are 1/32, 3/32, 7/32, 15/32 and all of the width (dictionary_learning).
+DEFAULT_MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
 _UNKNOWN_DEPTH = 1 << 30  # stands in for the model depth when `model_num_layers` is None
+
+
+def matryoshka_widths(
+    width: int, fractions: tuple[float, ...] = DEFAULT_MATRYOSHKA_FRACTIONS
+) -> tuple[int, ...]:
+    """Cumulative prefix widths ending at `width` for groups of `fractions · width` latents
+    (rounded): a last group takes the rest, unless the fractions sum to 1, when the last
+    group absorbs the rounding. `matryoshka_widths(4096)` -> (128, 384, 896, 1920, 4096), the
+    value of `DictionaryConfig.matryoshka_widths`, from which the loss reads the prefixes."""
+    sizes = [int(round(f * width)) for f in fractions]
+    if not sizes or sum(fractions) > 1 + 1e-9 or min(sizes) < 1 or sum(sizes) > width:
+        raise ValueError(f"fractions {list(fractions)} do not split width {width}")
+    if sum(sizes) < width and abs(sum(fractions) - 1) > 1e-9:
+        sizes.append(width - sum(sizes))
+    sizes[-1] += width - sum(sizes)
+    return tuple(sum(sizes[: i + 1]) for i in range(len(sizes)))
 
 
 def _dtype_name(dtype: Any) -> str:

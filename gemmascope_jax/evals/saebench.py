@@ -124,13 +124,6 @@ def keep_mask(tokens, attention_mask=None, ignore_ids=SPECIAL_IDS) -> np.ndarray
     return keep
 
 
-def stack_sites(sites: dict, names: tuple[str, ...], multilayer: bool):
-    """[..., D] of one site, or [..., L, D] of several."""
-    if not multilayer:
-        return sites[names[0]]
-    return jnp.stack([sites[s] for s in names], axis=-2)
-
-
 # ---- forward of a target ---------------------------------------------------------------------
 
 

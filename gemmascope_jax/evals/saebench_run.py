@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemmascope_jax.dictionaries.base import stack_sites
 from gemmascope_jax.evals.saebench import (
     SPECIAL_IDS,
     TRANSCODER_SET,
@@ -21,7 +22,6 @@ from gemmascope_jax.evals.saebench import (
     as_target,
     core_device,
     keep_mask,
-    stack_sites,
     weight_metrics,
 )
 

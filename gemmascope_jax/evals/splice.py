@@ -63,14 +63,28 @@ def _ce(logp: jax.Array, tokens: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-class _Splicer:
-    """Builds the interventions of one forward: records input sites, replaces output sites."""
+def _f32(x: jax.Array) -> jax.Array:
+    """At least float32 (float64 stays: finetuning's finite-difference test runs in it)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
-    def __init__(self, d, spliced, s_in, s_out, errors=None, zero=False):
+
+class Splicer:
+    """The interventions of one spliced forward of dictionary `d`: records the input sites as
+    the forward reaches them, and replaces output site j at the `spliced` positions [B, T]
+    with the prediction from the spliced run's inputs 0..j (causal, for CLTs: layer j's
+    prediction reads only layers <= j), scaled by `s_in` / `s_out` (normalised units in,
+    raw units out). `errors` (per output site) are added to the predictions (SAE-error
+    splicing); `zero` writes zeros instead (zero ablation); `forward` maps normalised inputs
+    [B, T, (L,) d_in] to predictions [B, T, (L,) d_out] (default: the dictionary itself;
+    finetuning passes its straight-through-estimator forward). The one spliced prediction of
+    the splice eval and the finetune step."""
+
+    def __init__(self, d, spliced, s_in, s_out, errors=None, zero=False, forward=None):
         self.d, self.cfg = d, d.cfg
         self.spliced = spliced[..., None]
         self.s_in, self.s_out = s_in, s_out
         self.errors, self.zero = errors, zero
+        self.forward = d if forward is None else forward
         self.seen: dict[int, jax.Array] = {}
 
     def _inputs_upto(self, j: int) -> jax.Array:
@@ -82,14 +96,14 @@ class _Splicer:
         return jnp.stack(xs, axis=-2) / s_in[:, None]
 
     def predict(self, j: int) -> jax.Array:
-        y = self.d(self._inputs_upto(j).astype(jnp.float32))
+        y = self.forward(_f32(self._inputs_upto(j)))
         if self.cfg.multilayer:
             return y[..., j, :] * jnp.broadcast_to(self.s_out, (self.cfg.num_layers,))[j]
         return y * self.s_out
 
     def record(self, j: int):
         def fn(x):
-            self.seen[j] = x.astype(jnp.float32)
+            self.seen[j] = _f32(x)
             return x
 
         return fn
@@ -97,7 +111,7 @@ class _Splicer:
     def replace(self, j: int, same_site: bool):
         def fn(x):
             if same_site:
-                self.seen[j] = x.astype(jnp.float32)
+                self.seen[j] = _f32(x)
             if self.zero:
                 new = jnp.zeros_like(x)
             else:
@@ -142,7 +156,7 @@ def splice_batch(
     clean = model(tokens, attention_mask=attention_mask, capture=sites)
     errors = None
     if use_error_term:
-        splicer = _Splicer(d, spliced, s_in, s_out)
+        splicer = Splicer(d, spliced, s_in, s_out)
         splicer.seen = {
             j: clean.sites[s].astype(jnp.float32) for j, s in enumerate(cfg.input_sites)
         }
@@ -150,7 +164,7 @@ def splice_batch(
             clean.sites[s].astype(jnp.float32) - splicer.predict(j)
             for j, s in enumerate(cfg.output_sites)
         ]
-    run = _Splicer(d, spliced, s_in, s_out, errors)
+    run = Splicer(d, spliced, s_in, s_out, errors)
     patched = model(tokens, attention_mask=attention_mask, interventions=run.interventions())
 
     mask = (spliced[:, :-1] & valid[:, 1:]).astype(jnp.float32)
@@ -164,7 +178,7 @@ def splice_batch(
         "count": jnp.sum(mask),
     }
     if zero_ablation:
-        zero = _Splicer(d, spliced, s_in, s_out, zero=True)
+        zero = Splicer(d, spliced, s_in, s_out, zero=True)
         zeroed = model(tokens, attention_mask=attention_mask, interventions=zero.interventions())
         out["ce_zero"] = jnp.sum(_ce(_log_probs(zeroed.logits), tokens) * mask)
     return out

@@ -6,11 +6,10 @@ state = step.init(seed=0)
 state, metrics = step(state, step.put_batch(batch))
 """
 
+from gemmascope_jax.dictionaries.config import DEFAULT_MATRYOSHKA_FRACTIONS, matryoshka_widths
 from gemmascope_jax.training.losses import (
-    DEFAULT_MATRYOSHKA_FRACTIONS,
     LossConfig,
     dictionary_loss,
-    matryoshka_widths,
     prefix_reconstructions,
 )
 from gemmascope_jax.training.optimizer import (

@@ -13,8 +13,8 @@ Sections (their dataclasses and defaults: `training.config_sections`): `run`, `m
 against the model depth, L0 < width, mesh vs device count, width divisible by the `model`
 axis, ...), every problem at once in a `ConfigError` naming its dotted key. The generic
 machinery (`extends`, YAML 1.2 floats, overrides, typed building with unknown-key
-suggestions) is `training.yaml_schema`. This module is the whole run: `RunConfig` and
-`load_config`.
+suggestions) is `training.yaml_schema`. This module is the whole run: `RunConfig`,
+`load_config`, and `dictionary_trainings` (the run's settings per dictionary).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gemmascope_jax.gemma3.config import Gemma3Config
+from gemmascope_jax.gemma3.sites import resolve_site, site_width
 from gemmascope_jax.training.config_checks import model_architecture, validate_run
 from gemmascope_jax.training.config_sections import (
     CheckpointConfig,
@@ -39,6 +40,9 @@ from gemmascope_jax.training.config_sections import (
     RunSection,
     TrainConfig,
 )
+from gemmascope_jax.training.losses import LossConfig
+from gemmascope_jax.training.optimizer import OptimizerConfig
+from gemmascope_jax.training.step import DictionaryTraining
 from gemmascope_jax.training.yaml_schema import (  # ConfigError and the loaders are re-exported
     ConfigError,  # noqa: F401
     apply_overrides,
@@ -138,3 +142,50 @@ def load_config(path, overrides: Sequence[str] = (), *, device_count: int | None
     return RunConfig.from_dict(
         apply_overrides(read_yaml(path), overrides), device_count=device_count
     )
+
+
+def dictionary_trainings(cfg: RunConfig, model) -> list[DictionaryTraining]:
+    """Per dictionary of a validated run: its `DictionaryConfig` (widths from `model`'s
+    sites), `LossConfig` and `OptimizerConfig`, with `train` settings overridden by the
+    dictionary's own (`lr`, `sparsity_coeff`, ...)."""
+    t, arch, out = cfg.train, model.cfg, []
+    for spec in cfg.dictionaries:
+        sites_in = spec.input_sites or ()
+        sites_out = spec.output_sites or sites_in
+        d_in = site_width(resolve_site(sites_in[0], arch.num_layers), arch)
+        d_out = site_width(resolve_site(sites_out[0], arch.num_layers), arch)
+        dcfg = spec.dictionary_config(
+            d_in, d_out, model_name=arch.name, model_num_layers=arch.num_layers
+        )
+        loss = LossConfig(
+            bandwidth=t.bandwidth,
+            threshold_init=t.threshold_init,
+            sparsity_coeff=spec.sparsity_coeff
+            if spec.sparsity_coeff is not None
+            else (t.sparsity_coeff),
+            sparsity_warmup_steps=t.sparsity_warmup_steps,
+            l0_target_init=spec.l0_target_init,
+            l0_target_decay_steps=t.l0_target_decay_steps,
+            l0_penalty=t.l0_penalty,
+            freq_penalty_coeff=t.freq_penalty_coeff,
+            freq_penalty_max=t.freq_penalty_max,
+            aux_k=t.aux_k,
+            aux_coeff=t.aux_coeff,
+            dead_steps=t.dead_steps,
+            sparse_k=spec.sparse_k,
+            sparse_groups=spec.sparse_groups,
+            topk_recall=spec.topk_recall,
+        )
+        optimizer = OptimizerConfig(
+            lr=spec.lr if spec.lr is not None else t.lr,
+            warmup_steps=t.lr_warmup_steps,
+            warmup_init_fraction=t.lr_warmup_from,
+            total_steps=t.steps,
+            final_lr_fraction=t.lr_final_fraction if t.lr_schedule == "cosine" else 1.0,
+            b1=t.adam_betas[0],
+            b2=t.adam_betas[1],
+            eps=t.adam_eps,
+            grad_clip_norm=t.grad_clip_norm,
+        )
+        out.append(DictionaryTraining(dcfg, loss, optimizer, name=spec.name))
+    return out

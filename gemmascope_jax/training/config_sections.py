@@ -11,10 +11,14 @@ import dataclasses
 import fractions
 from typing import Any, Literal
 
-from gemmascope_jax.dictionaries.config import KIND_NAMES, DictionaryConfig
+from gemmascope_jax.dictionaries.config import (
+    DEFAULT_MATRYOSHKA_FRACTIONS,
+    KIND_NAMES,
+    DictionaryConfig,
+    matryoshka_widths,
+)
 from gemmascope_jax.training.yaml_schema import field as _f
 
-DEFAULT_MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)  # groups; the rest is the last
 SOURCE_TYPES = ("txt", "jsonl", "parquet", "datasets", "embedded", "rollouts")
 LOSS_TOKENS = ("all", "response", "prompt")  # data.sources.N.loss_tokens (chat_loss_flags)
 
@@ -138,14 +142,8 @@ class DictionarySpec:
         if m is None:
             return None
         if m is True or isinstance(m[0], float):
-            fracs = DEFAULT_MATRYOSHKA_FRACTIONS if m is True else m
-            sizes = [int(round(f * self.width)) for f in fracs]
-            if sum(fracs) > 1 + 1e-9 or min(sizes) < 1 or sum(sizes) > self.width:
-                raise ValueError(f"fractions {list(fracs)} do not split width {self.width}")
-            if sum(sizes) < self.width and abs(sum(fracs) - 1) > 1e-9:
-                sizes.append(self.width - sum(sizes))
-            sizes[-1] += self.width - sum(sizes)
-            widths = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+            fracs = DEFAULT_MATRYOSHKA_FRACTIONS if m is True else tuple(m)
+            widths = list(matryoshka_widths(self.width, fracs))
         else:
             widths = list(m) if m[-1] == self.width else [*m, self.width]
         if any(b <= a for a, b in zip(widths, widths[1:], strict=False)) or widths[0] < 1:

@@ -76,25 +76,7 @@ from gemmascope_jax.dictionaries.sparse import (
 from gemmascope_jax.evals.metrics import fvu_stats
 from gemmascope_jax.training.schedules import linear_interpolate, linear_warmup
 
-# Matryoshka group sizes as fractions of the width; the last group takes the rest (17/32),
-# so the prefixes are 1/32, 3/32, 7/32, 15/32 and all of the width (dictionary_learning).
-DEFAULT_MATRYOSHKA_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4)
 TRAINABLE_ARCHITECTURES = ("jumprelu", "topk", "batchtopk")
-
-
-def matryoshka_widths(
-    width: int, fractions: tuple[float, ...] = DEFAULT_MATRYOSHKA_FRACTIONS
-) -> tuple[int, ...]:
-    """Cumulative prefix widths for groups of `fractions · width` latents plus the rest.
-
-    `matryoshka_widths(4096)` -> (128, 384, 896, 1920, 4096). Put the result in
-    `DictionaryConfig.matryoshka_widths`; the loss reads the prefixes from there.
-    """
-    sizes = [int(round(f * width)) for f in fractions]
-    if any(s < 1 for s in sizes) or sum(sizes) >= width:
-        raise ValueError(f"fractions {fractions} do not split width {width} into >= 1 groups")
-    cum = [sum(sizes[: i + 1]) for i in range(len(sizes))]
-    return (*cum, width)
 
 
 # Architectures whose codes have no fixed K per token: `sparse_k` bounds them (the K largest

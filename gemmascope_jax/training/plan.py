@@ -37,9 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gemmascope_jax.gemma3.model import Gemma3
 from gemmascope_jax.sharding import lm_rules, logical_sharding, make_mesh
-from gemmascope_jax.training.config import RunConfig
+from gemmascope_jax.training.config import RunConfig, dictionary_trainings
 from gemmascope_jax.training.step import TrainStep
-from gemmascope_jax.training.trainer import _trainings
 from pallas_kernels.aot import compiled_kernels
 
 GIB = 1024**3
@@ -310,7 +309,7 @@ def make_plan(cfg: RunConfig, topology: str, *, fsdp: bool | None = None) -> Pla
         tp_bytes = _lm_bytes_per_device(lm, mesh, fsdp=False)
         fsdp = data > 1 and tp_bytes > FSDP_AUTO_FRACTION * chip.hbm_bytes
     graphdef, lm_params = abstract_lm_params(lm, mesh, fsdp=fsdp)
-    step = TrainStep(_trainings(cfg, lm), mesh)
+    step = TrainStep(dictionary_trainings(cfg, lm), mesh)
     state = step.abstract_state()
     sites = step.sites
     b, t = cfg.data.batch_size, cfg.data.seq_len
