@@ -4,7 +4,7 @@ For each scenario (superposition only; + correlated features; + hierarchical fea
 of it with bias and noise) a `SyntheticModel` with N true features in D dims generates
 activations on the fly; JumpReLU (GS2 recipe: quadratic L0 penalty, target = the true L0),
 TopK, BatchTopK and Matryoshka BatchTopK (k = the true L0, rounded) are trained with the
-project's train step (`make_train_step`) and scored against the truth
+project's train step (`training.synthetic.train_on_synthetic`) and scored against the truth
 (`gemmascope_jax.evals.synthetic`: MCC, uniqueness, shrinkage, FVU, L0, dead fraction).
 
     python scripts/eval_synthetic.py [--d 64 --n 256 --width 256 --steps 2000 --batch 512 --lr 3e-3]
@@ -31,8 +31,8 @@ from gemmascope_jax.evals.synthetic import (  # noqa: E402
     SyntheticConfig,
     SyntheticModel,
     abs_cosines,
-    train_on_synthetic,
 )
+from gemmascope_jax.training.synthetic import train_on_synthetic  # noqa: E402
 
 ARCHS = {  # label: (architecture, matryoshka)
     "jumprelu": ("jumprelu", False),

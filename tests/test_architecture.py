@@ -57,10 +57,6 @@ SAME_FLOOR = {
 # Known violations: (importer module, imported module) -> why it is allowed. These edges are
 # skipped by both checks (an allowed edge cannot close a cycle either).
 ALLOWED = {
-    ("gemmascope_jax.evals.synthetic", "gemmascope_jax.training"): (
-        "the synthetic ground-truth benchmark trains dictionaries with the real train step; it "
-        "belongs beside training (or in scripts/), a move left to its authors (issue 13)"
-    ),
     ("gemmascope_jax.formats", "gemmascope_jax.formats.sets"): (
         "the package API forwards load/save_transcoder_set lazily to formats.sets, which is "
         "built on the package's load_dictionary/detect_format: a facade cycle, safe because the "

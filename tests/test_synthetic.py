@@ -15,8 +15,8 @@ from gemmascope_jax.evals.synthetic import (
     SyntheticModel,
     direction_metrics,
     ground_truth_metrics,
-    train_on_synthetic,
 )
+from gemmascope_jax.training.synthetic import train_on_synthetic
 
 
 def test_firing_rates_magnitudes_and_linear_model():
