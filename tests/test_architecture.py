@@ -31,8 +31,8 @@ FACADE = "gemmascope_jax"  # gemmascope_jax/__init__.py: the `import gemmascope_
 FLOORS = {
     "_version": 0,  # the version string, readable from anywhere (formats.native records it)
     "sharding": 0,  # device meshes and partition specs; imports no other part
-    "safetensors_io": 0,  # safetensors read/write; imports no other part
-    "output_folders": 0,  # atomic output folders/files that refuse to replace what we did not make
+    "io": 0,  # safetensors read/write; atomic output folders/files that refuse to replace what
+    # we did not make; JSON files and FormatError. Imports no other part
     "pallas_kernels": 0,  # the sparse-decode kernels (a top-level package); never gemmascope_jax
     "gemma3": 1,  # the model, named activation sites, tokenizer and chat, generate, loading
     "dictionaries": 2,  # SAE / transcoder / skip-transcoder / CLT / crosscoder; registry KINDS

@@ -22,7 +22,7 @@ from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.formats import FormatError, load_dictionary, save_dictionary
 from gemmascope_jax.formats import circuit_tracer as ct
-from gemmascope_jax.safetensors_io import read_safetensors, write_safetensors
+from gemmascope_jax.io.safetensors import read_safetensors, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 INTEROP_PYTHON = REPO / ".venv-interop" / "bin" / "python"

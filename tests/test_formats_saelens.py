@@ -26,7 +26,7 @@ from gemmascope_jax.formats import saelens as fmt
 from gemmascope_jax.formats.io import FormatError
 from gemmascope_jax.formats.saelens import layout
 from gemmascope_jax.gemma3.sites import LAYER_SITES, Site, resolve_site, tl_hook_name
-from gemmascope_jax.safetensors_io import read_safetensors, write_safetensors
+from gemmascope_jax.io.safetensors import read_safetensors, write_safetensors
 
 D_IN, D_OUT, F, N = 16, 12, 64, 48
 HEADS, D_HEAD = 4, 4  # attn_z: D_IN = HEADS * D_HEAD

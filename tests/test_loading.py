@@ -13,7 +13,7 @@ from transformers import Gemma3ForCausalLM
 
 from gemmascope_jax.gemma3 import loading
 from gemmascope_jax.gemma3.loading import CheckpointError, load_gemma3, save_gemma3
-from gemmascope_jax.safetensors_io import SafetensorsError, read_safetensors, write_safetensors
+from gemmascope_jax.io.safetensors import SafetensorsError, read_safetensors, write_safetensors
 
 
 def test_save_round_trip_exact_in_transformers_and_ours(tiny_model, hf_tiny, tmp_path, tiny_tokens):

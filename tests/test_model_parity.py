@@ -147,7 +147,7 @@ def test_multimodal_checkpoint_text_path(tmp_path, tiny_tokens):
     cfg._attn_implementation = "eager"
     hf = randomize_(Gemma3ForConditionalGeneration(cfg), seed=3).eval()
     hf.save_pretrained(tmp_path)
-    from gemmascope_jax.safetensors_io import SafetensorsFile
+    from gemmascope_jax.io.safetensors import SafetensorsFile
 
     keys = SafetensorsFile(tmp_path / "model.safetensors").keys()
     assert any(k.startswith("language_model.model.") for k in keys), keys[:5]

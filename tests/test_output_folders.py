@@ -22,8 +22,8 @@ from gemmascope_jax.cli.convert import add_convert_parser
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.dictionaries.sets import TranscoderSet
 from gemmascope_jax.formats import load_dictionary, save_dictionary
-from gemmascope_jax.formats.io import FormatError, path_inside
-from gemmascope_jax.output_folders import OUTPUT_MARKER, atomic_output_dir, created_by_us
+from gemmascope_jax.formats.io import FormatError
+from gemmascope_jax.io.files import OUTPUT_MARKER, atomic_output_dir, created_by_us, path_inside
 
 D, F = 8, 12
 

@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from gemmascope_jax.formats.io import FormatError, TensorReader
-from gemmascope_jax.safetensors_io import (
+from gemmascope_jax.io.safetensors import (
     SafetensorsError,
     SafetensorsFile,
     read_safetensors,

@@ -36,7 +36,7 @@ import numpy as np
 from gemmascope_jax.analysis.common import checked_dictionary, token_strings
 from gemmascope_jax.analysis.logit_lens import logit_lens_table
 from gemmascope_jax.analysis.max_examples import MaxExamples
-from gemmascope_jax.output_folders import atomic_output_dir
+from gemmascope_jax.io.files import atomic_output_dir
 
 DEFAULT_PAGES = 200
 FREQUENT_SHARE = 0.75

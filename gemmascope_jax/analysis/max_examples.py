@@ -52,7 +52,7 @@ from gemmascope_jax.analysis.common import (
 )
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.tokenizer import BOS_ID, PAD_ID
-from gemmascope_jax.output_folders import atomic_output_dir
+from gemmascope_jax.io.files import atomic_output_dir
 from gemmascope_jax.sharding import logical_sharding, make_mesh
 
 HIST_EDGES = np.geomspace(1e-4, 1e4, 65).astype(np.float32)

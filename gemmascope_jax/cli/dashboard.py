@@ -68,7 +68,7 @@ def dashboard_command(args: argparse.Namespace) -> int:
     from gemmascope_jax.analysis.dashboard import build_dashboard, check_card
     from gemmascope_jax.analysis.max_examples import corpus_batches, scan_corpus
     from gemmascope_jax.formats import load_dictionary
-    from gemmascope_jax.output_folders import check_replaceable
+    from gemmascope_jax.io.files import check_replaceable
 
     t0 = time.perf_counter()
     check_replaceable(args.out, force=args.force, replace_ours=True)  # before the scan

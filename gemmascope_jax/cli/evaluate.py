@@ -94,7 +94,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """Handler of `evaluate`; bad input raises (printed by `run_verb`, exit 2)."""
     from gemmascope_jax.evals.card import check_compatible, token_batches, write_card
     from gemmascope_jax.evals.card_render import fmt
-    from gemmascope_jax.output_folders import check_replaceable
+    from gemmascope_jax.io.files import check_replaceable
 
     if args.tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise EvaluateError("--tokens, --batch-size must be >= 1 and --seq-len >= 2")

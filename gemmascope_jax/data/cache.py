@@ -35,8 +35,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from gemmascope_jax.formats.io import FormatError, path_inside
-from gemmascope_jax.output_folders import atomic_output_dir
+from gemmascope_jax.formats.io import FormatError
+from gemmascope_jax.io.files import atomic_output_dir, path_inside
 
 FORMAT = "gemmascope_jax.activation_cache"
 VERSION = 1

@@ -58,7 +58,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gemmascope_jax.data.sources import SourceError
-from gemmascope_jax.output_folders import atomic_output_file
+from gemmascope_jax.io.files import atomic_output_file
 
 FORMAT_VERSION = 1
 PACKAGED = "packaged"  # `path` of the packaged prompt set

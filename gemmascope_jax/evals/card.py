@@ -231,7 +231,7 @@ def write_card(
     The folder is written whole or not at all; an existing one is replaced only when an
     earlier card (any output of this package) made it, or with `force`, checked before the
     evaluation runs."""
-    from gemmascope_jax.output_folders import atomic_output_dir, check_replaceable
+    from gemmascope_jax.io.files import atomic_output_dir, check_replaceable
 
     out_dir = Path(out_dir)
     check_replaceable(out_dir, force=force, replace_ours=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 
 from gemmascope_jax.formats.io import FormatError
-from gemmascope_jax.output_folders import atomic_output_dir
+from gemmascope_jax.io.files import atomic_output_dir
 
 FORMAT_NAMES = ("gemma-scope-2", "saelens", "circuit-tracer", "native")
 DEFAULT_FORMAT = "native"
@@ -163,7 +163,7 @@ def save_dictionary(
 
     Atomic: written to a temporary sibling folder and renamed at the end; an existing,
     non-empty `out` raises FileExistsError unless `force=True` (or `replace_ours=True` and
-    gemmascope-jax wrote it: see `output_folders.atomic_output_dir`); a failure leaves neither a
+    gemmascope-jax wrote it: see `io.files.atomic_output_dir`); a failure leaves neither a
     partial `out` nor the temporary folder.
     """
     module = format_module(format)

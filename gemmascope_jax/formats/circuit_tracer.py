@@ -53,9 +53,10 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from gemmascope_jax.formats.io import FormatError, TensorReader, path_inside
+from gemmascope_jax.formats.io import FormatError, TensorReader
 from gemmascope_jax.gemma3.sites import circuit_tracer_hook, circuit_tracer_kind
-from gemmascope_jax.safetensors_io import write_safetensors
+from gemmascope_jax.io.files import path_inside
+from gemmascope_jax.io.safetensors import write_safetensors
 
 NAME = "circuit-tracer"
 CONFIG_FILE = "config.yaml"

@@ -1,63 +1,23 @@
 """Shared reading and writing rules for every dictionary format.
 
+- `FormatError`: a dictionary file that is malformed or disagrees with its config (defined
+  in `gemmascope_jax.io.files`, beside `read_json` / `write_json` / `path_inside`, which raise it).
 - `TensorReader`: read tensors from one safetensors file, checking name, shape, dtype and
   finiteness, and naming the file and tensor in every error.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from gemmascope_jax.safetensors_io import SafetensorsFile
+from gemmascope_jax.io.files import FormatError
+from gemmascope_jax.io.safetensors import SafetensorsFile
 
-
-class FormatError(ValueError):
-    """A dictionary file that is malformed or disagrees with its config; names file and tensor."""
-
-
-def path_inside(folder: str | os.PathLike, entry, source: str | os.PathLike) -> Path:
-    """The path `entry`, read from the file `source`, resolved relative to `folder` (the
-    folder of `source`); FormatError when it is not a relative path string or when it leaves
-    `folder` (an absolute path, `..`, or a symlink pointing out). Paths inside a file never
-    reach beyond its folder; a user who means another place passes that path explicitly."""
-    folder = Path(folder)
-    if not isinstance(entry, str) or not entry or "\x00" in entry:
-        raise FormatError(f"{source}: path entry {entry!r} is not a relative path string")
-    rel = Path(entry)
-    if rel.is_absolute():
-        raise FormatError(
-            f"{source}: path {entry!r} is absolute; paths in this file must be relative to "
-            f"its folder {folder} (pass other files explicitly)"
-        )
-    resolved, base = (folder / rel).resolve(), folder.resolve()
-    if resolved != base and base not in resolved.parents:
-        raise FormatError(
-            f"{source}: path {entry!r} resolves to {resolved}, outside the folder {folder}; "
-            "refused (pass files outside it explicitly)"
-        )
-    return folder / rel
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: file not found")
-    try:
-        value = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def write_json(path: str | os.PathLike, value: dict) -> None:
-    Path(path).write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
+__all__ = ["FormatError", "TensorReader"]
 
 
 class TensorReader:

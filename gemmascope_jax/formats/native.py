@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gemmascope_jax.formats.io import FormatError, TensorReader, read_json, write_json
-from gemmascope_jax.safetensors_io import write_safetensors
+from gemmascope_jax.formats.io import FormatError, TensorReader
+from gemmascope_jax.io.files import read_json, write_json
+from gemmascope_jax.io.safetensors import write_safetensors
 
 NAME = "native"
 FORMAT_ID = "gemmascope-jax"

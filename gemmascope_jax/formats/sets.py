@@ -29,7 +29,7 @@ from gemmascope_jax.formats import (
     load_dictionary,
     save_dictionary,
 )
-from gemmascope_jax.output_folders import atomic_output_dir
+from gemmascope_jax.io.files import atomic_output_dir
 
 _TRANSCODER_KINDS = ("transcoder", "skip_transcoder")
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from gemmascope_jax.gemma3.config import Gemma3Config
 from gemmascope_jax.gemma3.layers import Weight
 from gemmascope_jax.gemma3.model import Gemma3
-from gemmascope_jax.safetensors_io import SafetensorsFile, write_safetensors
+from gemmascope_jax.io.safetensors import SafetensorsFile, write_safetensors
 from gemmascope_jax.sharding import LOGICAL_RULES, logical_sharding
 
 # Multimodal checkpoints keep the text model under another prefix; vision weights are ignored.
@@ -269,9 +269,9 @@ def save_gemma3(
 
     An existing non-empty `out_dir` is refused (FileExistsError naming it, before anything
     is written) unless gemmascope-jax created it (an earlier `save_gemma3`, when
-    `replace_ours`) or `force=True` (see `output_folders.atomic_output_dir`). `overwrite` is the
+    `replace_ours`) or `force=True` (see `io.files.atomic_output_dir`). `overwrite` is the
     old name of `force`."""
-    from gemmascope_jax.output_folders import atomic_output_dir
+    from gemmascope_jax.io.files import atomic_output_dir
 
     force = force or bool(overwrite)
     out = Path(out_dir)

@@ -29,7 +29,8 @@ from gemmascope_jax.formats.gemma_scope_2.layout import (
     model_from_path,
     model_num_layers,
 )
-from gemmascope_jax.formats.io import FormatError, TensorReader, read_json
+from gemmascope_jax.formats.io import FormatError, TensorReader
+from gemmascope_jax.io.files import read_json
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _UNKNOWN_DEPTH = 1 << 20

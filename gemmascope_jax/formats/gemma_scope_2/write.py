@@ -20,8 +20,9 @@ from gemmascope_jax.formats.gemma_scope_2.layout import (
     LAYER_FILE,
     PARAMS_FILE,
 )
-from gemmascope_jax.formats.io import FormatError, write_json
-from gemmascope_jax.safetensors_io import write_safetensors
+from gemmascope_jax.formats.io import FormatError
+from gemmascope_jax.io.files import write_json
+from gemmascope_jax.io.safetensors import write_safetensors
 
 
 def gs2_compatible(d):

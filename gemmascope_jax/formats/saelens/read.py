@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gemmascope_jax.formats.io import FormatError, TensorReader, read_json
+from gemmascope_jax.formats.io import FormatError, TensorReader
 from gemmascope_jax.formats.saelens.layout import (
     CFG_FILENAME,
     DTYPES,
@@ -26,6 +26,7 @@ from gemmascope_jax.formats.saelens.layout import (
     WEIGHTS_FILENAME,
 )
 from gemmascope_jax.gemma3.sites import Site, resolve_site
+from gemmascope_jax.io.files import read_json
 
 
 def load(path: Path, *, progress: bool = False):

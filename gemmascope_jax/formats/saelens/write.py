@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from gemmascope_jax.formats.io import FormatError, write_json
+from gemmascope_jax.formats.io import FormatError
 from gemmascope_jax.formats.saelens.layout import (
     CFG_FILENAME,
     EXPORT,
@@ -22,7 +22,8 @@ from gemmascope_jax.formats.saelens.layout import (
     WEIGHTS_FILENAME,
 )
 from gemmascope_jax.gemma3.sites import hf_hook_point, tl_hook_name
-from gemmascope_jax.safetensors_io import write_safetensors
+from gemmascope_jax.io.files import write_json
+from gemmascope_jax.io.safetensors import write_safetensors
 
 
 def save(obj, out_dir: Path, *, progress: bool = False) -> None:

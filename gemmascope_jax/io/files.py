@@ -8,6 +8,11 @@
   fsynced, renamed over `out` on success; removed on failure).
 - `check_replaceable(out, force, replace_ours)`: the refusal alone, for a verb that checks
   its output before loading anything.
+- `read_json(path)` / `write_json(path, value)`: a JSON object file; a missing, unreadable or
+  non-object file raises `FormatError`.
+- `path_inside(folder, entry, source)`: a relative path read from a file, refused
+  (`FormatError`) when it leaves the file's folder.
+- `FormatError`: the one error type for a malformed file (`formats.io` names it too).
 
 On the lowest floor (imports nothing of the package): every writer uses it, from the model's
 `save_gemma3` to dictionary formats, caches, dashboards and quality cards.
@@ -16,11 +21,57 @@ On the lowest floor (imports nothing of the package): every writer uses it, from
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+class FormatError(ValueError):
+    """A dictionary file that is malformed or disagrees with its config; names file and tensor."""
+
+
+def path_inside(folder: str | os.PathLike, entry, source: str | os.PathLike) -> Path:
+    """The path `entry`, read from the file `source`, resolved relative to `folder` (the
+    folder of `source`); FormatError when it is not a relative path string or when it leaves
+    `folder` (an absolute path, `..`, or a symlink pointing out). Paths inside a file never
+    reach beyond its folder; a user who means another place passes that path explicitly."""
+    folder = Path(folder)
+    if not isinstance(entry, str) or not entry or "\x00" in entry:
+        raise FormatError(f"{source}: path entry {entry!r} is not a relative path string")
+    rel = Path(entry)
+    if rel.is_absolute():
+        raise FormatError(
+            f"{source}: path {entry!r} is absolute; paths in this file must be relative to "
+            f"its folder {folder} (pass other files explicitly)"
+        )
+    resolved, base = (folder / rel).resolve(), folder.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise FormatError(
+            f"{source}: path {entry!r} resolves to {resolved}, outside the folder {folder}; "
+            "refused (pass files outside it explicitly)"
+        )
+    return folder / rel
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: file not found")
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def write_json(path: str | os.PathLike, value: dict) -> None:
+    Path(path).write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
 
 # Written into every folder `atomic_output_dir` creates: "gemmascope-jax made this folder",
 # so a later run may replace it (`replace_ours=True`) without deleting anything it did not make.
