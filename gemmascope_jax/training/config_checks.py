@@ -201,6 +201,13 @@ def _validate_dict(d: DictionarySpec, key: str, depth, model_axis, add) -> Dicti
         _ = d.matryoshka_widths
     except ValueError as e:
         err("matryoshka", str(e))
+    if d.init_from_layers is not None:
+        if d.kind not in ("clt", "crosscoder"):
+            err("init_from_layers", f"starts a CLT or crosscoder, not a {d.kind} (use init_from)")
+        elif "{layer}" not in d.init_from_layers:
+            err("init_from_layers", "needs '{layer}' in the path (one export per source layer)")
+        if d.init_from is not None:
+            err("init_from_layers", "give init_from or init_from_layers, not both")
     if d.name is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", str(d.name)):
         err(
             "name",

@@ -134,6 +134,10 @@ class DictionarySpec:
     # Start from an exported dictionary (any format `formats.load_dictionary` reads, in raw
     # activation units) instead of the GS2 init, e.g. an IT dictionary from the PT one.
     init_from: str | None = None
+    # CLT / crosscoder only: start from single-layer exports, one per source layer, by the
+    # GS2 prefix init (TR §3.3, `training.init_from.prefix_init`): a path with `{layer}`
+    # (the model layer), e.g. runs/tc/export/transcoder_{layer}/native.
+    init_from_layers: str | None = None
 
     @property
     def matryoshka_widths(self) -> tuple[int, ...] | None:
