@@ -36,7 +36,7 @@ import numpy as np
 from gemmascope_jax.analysis.common import checked_dictionary, token_strings
 from gemmascope_jax.analysis.logit_lens import logit_lens_table
 from gemmascope_jax.analysis.max_examples import MaxExamples
-from gemmascope_jax.io.files import atomic_output_dir
+from gemmascope_jax.io.files import atomic_output_dir, read_json
 
 DEFAULT_PAGES = 200
 FREQUENT_SHARE = 0.75
@@ -161,7 +161,7 @@ def _card_line(card: str | Path) -> str:
     """The index's line for a quality card folder: a link and the headline numbers."""
     path = Path(card) / "card.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, error=ValueError)
         gs, core = data["gemma_scope"], data["saebench_core"]
         numbers = {
             "FVU": gs["fvu"],

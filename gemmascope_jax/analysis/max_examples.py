@@ -52,7 +52,7 @@ from gemmascope_jax.analysis.common import (
 )
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.tokenizer import BOS_ID, PAD_ID
-from gemmascope_jax.io.files import atomic_output_dir
+from gemmascope_jax.io.files import atomic_output_dir, read_json
 from gemmascope_jax.sharding import logical_sharding, make_mesh
 
 HIST_EDGES = np.geomspace(1e-4, 1e4, 65).astype(np.float32)
@@ -144,7 +144,7 @@ class MaxExamples:
             if not (path / name).is_file():
                 raise ValueError(f"{path}: not a max-examples folder (no {name})")
         try:
-            meta = json.loads((path / META_FILE).read_text())
+            meta = read_json(path / META_FILE, error=ValueError)
             with np.load(path / ARRAY_FILE) as npz:
                 arrays = {name: npz[name] for name in _ARRAYS}
         except (KeyError, ValueError, OSError) as e:

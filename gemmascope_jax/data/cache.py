@@ -36,7 +36,7 @@ import grain
 import numpy as np
 
 from gemmascope_jax.formats.io import FormatError
-from gemmascope_jax.io.files import atomic_output_dir, path_inside
+from gemmascope_jax.io.files import atomic_output_dir, path_inside, read_json
 
 FORMAT = "gemmascope_jax.activation_cache"
 VERSION = 1
@@ -175,10 +175,7 @@ def read_manifest(path: str | os.PathLike, verify: bool = False) -> dict:
     mpath = path / "manifest.json"
     if not mpath.is_file():
         raise CacheError(f"{path}: not a complete activation cache (no manifest.json)")
-    try:
-        m = json.loads(mpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheError(f"{mpath}: invalid JSON ({e})") from None
+    m = read_json(mpath, error=CacheError)
     if m.get("format") != FORMAT or m.get("version") != VERSION:
         raise CacheError(f"{mpath}: not a version-{VERSION} {FORMAT} manifest")
     if m.get("dtype") not in _DTYPES:

@@ -56,16 +56,18 @@ def path_inside(folder: str | os.PathLike, entry, source: str | os.PathLike) -> 
     return folder / rel
 
 
-def read_json(path: str | os.PathLike) -> dict:
+def read_json(path: str | os.PathLike, error: type[Exception] = FormatError) -> dict:
+    """The JSON object in `path`; `error` (a ValueError type: FormatError, or the caller's
+    own, e.g. the cache's) naming the file when it is missing, not JSON or not an object."""
     path = Path(path)
     if not path.is_file():
-        raise FormatError(f"{path}: file not found")
+        raise error(f"{path}: file not found")
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: invalid JSON ({e})") from None
+        raise error(f"{path}: invalid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
