@@ -9,7 +9,9 @@ clear `ValueError` before any compute:
 
 and the conversions every tool makes on the way to a dictionary's latents: the captured
 forward (`site_forward`), the dictionary's input (`dictionary_inputs`), codes with one flat
-latent index (`flat_codes`, `split_flat`), token display strings (`token_strings`).
+latent index (`flat_codes`, `split_flat`), the codes of whole token sequences in one batch
+(`token_codes`), token display strings and their character spans (`token_strings`,
+`token_char_spans`).
 
 Chats and prompt token ids (`check_chat`, `prompt_ids`) live with the tokenizer, in
 `gemmascope_jax.gemma3.tokenizer`.
@@ -142,3 +144,30 @@ def split_flat(d: Dictionary, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     flat = np.asarray(flat)
     source, ids = np.divmod(flat, d.cfg.width)
     return np.asarray(d.cfg.layers)[source], ids
+
+
+def token_codes(model, d: Dictionary, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Dictionary codes of every token of each sequence, float32 [T_i, L * F] (flat latents).
+
+    The sequences run as one left-padded batch (the attention mask keeps them independent):
+    one forward, one compiled shape."""
+    seq = max(len(s) for s in sequences)
+    tokens = np.zeros((len(sequences), seq), np.int32)
+    mask = np.zeros((len(sequences), seq), np.int32)
+    for i, s in enumerate(sequences):
+        tokens[i, seq - len(s) :], mask[i, seq - len(s) :] = s, 1
+    forward = model.jitted(capture=tuple(d.cfg.input_sites), logits=False)
+    out = forward(jnp.asarray(tokens), jnp.asarray(mask))
+    codes = np.asarray(flat_codes(d, dictionary_inputs(out.sites, d)), np.float32)
+    return [codes[i, seq - len(s) :] for i, s in enumerate(sequences)]
+
+
+def token_char_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Character span `[start, end)` of each token in `tokenizer.decode(ids)` (special tokens
+    kept), from the lengths of the decoded prefixes."""
+    spans, prev = [], 0
+    for i in range(len(ids)):
+        end = max(prev, len(tokenizer.decode(list(ids[: i + 1]))))
+        spans.append((prev, end))
+        prev = end
+    return spans

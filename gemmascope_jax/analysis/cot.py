@@ -30,8 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from gemmascope_jax.analysis.common import checked_dictionary, dictionary_label, token_strings
-from gemmascope_jax.analysis.jailbreak import token_char_spans, token_codes
+from gemmascope_jax.analysis.common import (
+    checked_dictionary,
+    dictionary_label,
+    token_char_spans,
+    token_codes,
+    token_strings,
+)
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.generate import generate
 from gemmascope_jax.gemma3.tokenizer import BOS_ID, prompt_ids

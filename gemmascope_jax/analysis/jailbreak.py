@@ -25,14 +25,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from gemmascope_jax.analysis.common import (
     checked_dictionary,
-    dictionary_inputs,
     dictionary_label,
-    flat_codes,
+    token_char_spans,
+    token_codes,
     token_strings,
 )
 from gemmascope_jax.dictionaries.base import Dictionary
@@ -59,22 +58,6 @@ WRAPPERS = {
 """Jailbreak framings by name; `{prompt}` is replaced by the request."""
 
 
-def token_codes(model, d: Dictionary, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """Dictionary codes of every token of each sequence, float32 [T_i, L * F] (flat latents).
-
-    The sequences run as one left-padded batch (the attention mask keeps them independent):
-    one forward, one compiled shape."""
-    seq = max(len(s) for s in sequences)
-    tokens = np.zeros((len(sequences), seq), np.int32)
-    mask = np.zeros((len(sequences), seq), np.int32)
-    for i, s in enumerate(sequences):
-        tokens[i, seq - len(s) :], mask[i, seq - len(s) :] = s, 1
-    forward = model.jitted(capture=tuple(d.cfg.input_sites), logits=False)
-    out = forward(jnp.asarray(tokens), jnp.asarray(mask))
-    codes = np.asarray(flat_codes(d, dictionary_inputs(out.sites, d)), np.float32)
-    return [codes[i, seq - len(s) :] for i, s in enumerate(sequences)]
-
-
 def wrapper_template(wrapper: str) -> str:
     """The template of `wrapper` (a `WRAPPERS` name, or a template with one `{prompt}`)."""
     template = WRAPPERS.get(wrapper, wrapper)
@@ -89,17 +72,6 @@ def wrapper_template(wrapper: str) -> str:
 def wrap_prompt(prompt: str, wrapper: str) -> str:
     """`prompt` inside `wrapper_template(wrapper)`."""
     return wrapper_template(wrapper).replace("{prompt}", prompt)
-
-
-def token_char_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
-    """Character span `[start, end)` of each token in `tokenizer.decode(ids)` (special tokens
-    kept), from the lengths of the decoded prefixes."""
-    spans, prev = [], 0
-    for i in range(len(ids)):
-        end = max(prev, len(tokenizer.decode(list(ids[: i + 1]))))
-        spans.append((prev, end))
-        prev = end
-    return spans
 
 
 def tokens_in_chars(spans: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
