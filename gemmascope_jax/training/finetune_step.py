@@ -42,13 +42,11 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from gemmascope_jax.evals.splice import Splicer
 from gemmascope_jax.training.losses import jumprelu_penalties
-from gemmascope_jax.training.optimizer import constrain_params
 from gemmascope_jax.training.step import DictionaryTraining, TrainState, TrainStep
 
 FINETUNE_ARCHITECTURES = ("jumprelu", "topk")
@@ -283,25 +281,7 @@ class FinetuneStep(TrainStep):
             return self.losses(params, tokens, lm_params, state.step, loss_mask=loss_mask)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_states, fired, out = [], [], [], {}
-        for i, t in enumerate(self.trainings):
-            p = state.params[i]
-            updates, opt_state = self._opts[i].update(grads[i], state.opt_state[i], p)
-            params.append(constrain_params(optax.apply_updates(p, updates), self._norm_axes[i]))
-            opt_states.append(opt_state)
-            m = metrics[i]
-            ssf = jnp.where(m["fire_counts"] > 0, 0, state.steps_since_fired[i] + 1)
-            fired.append(ssf)
-            m["dead_fraction"] = jnp.mean((ssf >= t.loss.dead_steps).astype(jnp.float32))
-            m["lr"] = jnp.asarray(t.optimizer.schedule()(state.step), jnp.float32)
-            out[self.names[i]] = m
-        new = TrainState(
-            step=state.step + 1,
-            params=tuple(params),
-            opt_state=tuple(opt_states),
-            steps_since_fired=tuple(fired),
-        )
-        return new, out
+        return self._update(state, grads, metrics)
 
     def _jitted(self, state: TrainState, batch: Mapping[str, jax.Array]):
         tokens = batch["tokens"]

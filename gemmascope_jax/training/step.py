@@ -340,6 +340,12 @@ class TrainStep:
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.params)
+        return self._update(state, grads, metrics)
+
+    def _update(self, state: TrainState, grads, metrics):
+        """(new state, {name: metrics}) after one optimizer update of every dictionary:
+        decoder norms constrained, steps-since-fired, dead fraction and lr in the metrics.
+        Shared by the first stage and the finetune step (`finetune_step.FinetuneStep`)."""
         params, opt_states, fired, out = [], [], [], {}
         for i, t in enumerate(self.trainings):
             p = state.params[i]
