@@ -93,6 +93,7 @@ def l0_at_init(args, out: Path, single_run: Path, clt_cfg) -> float:
     import numpy as np
 
     from gemmascope_jax.data.pipeline import split_run_documents
+    from gemmascope_jax.dictionaries.base import stack_sites
     from gemmascope_jax.dictionaries.registry import dictionary_class
     from gemmascope_jax.evals.heldout import HeldoutEval
     from gemmascope_jax.formats import load_dictionary
@@ -115,7 +116,7 @@ def l0_at_init(args, out: Path, single_run: Path, clt_cfg) -> float:
     _, acts = HeldoutEval(clt_cfg, model, tok, cfg.input_sites, heldout).tokens_and_sites()
     l0s = []
     for a in acts:
-        x = np.stack([a[s] for s in cfg.input_sites], axis=-2).reshape(-1, cfg.num_layers, cfg.d_in)
+        x = stack_sites(a, cfg.input_sites, True).reshape(-1, cfg.num_layers, cfg.d_in)
         codes = np.asarray(clt.encode(jnp.asarray(x)))
         l0s.append((codes > 0).sum(axis=(1, 2)))
     (out / "prefix_info.json").write_text(json.dumps({str(k): v for k, v in info.items()}))

@@ -48,10 +48,11 @@ def fold_scales(dictionaries: Mapping, scalars: Mapping[str, float]) -> dict:
 def folded_dictionaries(step, state, scalars, pipeline, heldout_docs) -> dict:
     """A run's trained dictionaries ready to export: BatchTopK converted to JumpReLU on 4,096
     held-out calibration tokens (`pipeline.calibration_batch`), then `fold_scales`."""
-    out = {}
+    out, calib = {}, None
     for name, d in zip(step.names, step.dictionaries(state), strict=True):
         if d.cfg.architecture == "batchtopk":
-            calib = normalize(pipeline.calibration_batch(heldout_docs, 4096, 3), scalars)
+            if calib is None:  # one forward for every BatchTopK dictionary of the run
+                calib = normalize(pipeline.calibration_batch(heldout_docs, 4096, 3), scalars)
             d = d.to_jumprelu(stack_sites(calib, d.cfg.input_sites, d.cfg.multilayer))
         out[name] = d
     return fold_scales(out, scalars)
