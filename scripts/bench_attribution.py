@@ -79,8 +79,8 @@ def calibrated_transcoders(model, tok, width: int, active_per_token: float, seed
 
 
 def child(args) -> dict:
-    from gemmascope_jax.analysis.attribution import ReplacementModel, attribute
-    from gemmascope_jax.analysis.graph import write_graph_files
+    from gemmascope_jax.analysis.attribution.attribute import ReplacementModel, attribute
+    from gemmascope_jax.analysis.attribution.graph import write_graph_files
     from gemmascope_jax.gemma3.loading import load_gemma3
 
     t0 = time.perf_counter()

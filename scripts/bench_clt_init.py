@@ -14,7 +14,7 @@ docs/quality.md), on the embedded Gemma 3 270M, through the real trainer.
 4. **Measure**: the trainer's held-out eval (FVU, L0, spliced delta LM loss and KL, all
    layers spliced at once), and circuit-tracer's replacement and completeness scores of the
    attribution graphs of the first `--graph-prompts` prompts of the quality card's set
-   (`analysis.graph_quality`).
+   (`analysis.attribution.graph_quality`).
 
 All runs share one activation cache (`--out/cache`) and the short-run settings of
 docs/recipe.md ("Units, and short runs"). Writes `results.json` and `table.md` under
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     init += f", l0_target_init: {max(l0_init, args.clt_l0):.1f}}}"
     prefix_cfg = run_config(args, out, "prefix", clt + init, args.clt_steps, 8)
     arms = {"scratch": scratch_cfg, "prefix": prefix_cfg}
-    from gemmascope_jax.analysis import graph_quality
+    from gemmascope_jax.analysis.attribution import graph_quality
     from gemmascope_jax.formats import load_dictionary
     from gemmascope_jax.gemma3.loading import load_gemma3
 

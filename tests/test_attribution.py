@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmascope_jax.analysis.attribution import (
+from gemmascope_jax.analysis.attribution.attribute import (
     ReplacementModel,
     _ActiveFeatures,
     _EdgeComputer,
@@ -29,16 +29,16 @@ from gemmascope_jax.analysis.attribution import (
     auto_batch_size,
     intervene,
 )
-from gemmascope_jax.analysis.graph import (
+from gemmascope_jax.analysis.attribution.graph import (
     AttributionGraph,
     graph_scores,
     partial_influence,
     prune_graph,
     write_graph_files,
 )
-from gemmascope_jax.analysis.graph_quality import graph_quality
-from gemmascope_jax.analysis.replacement import _decoder_delta
-from gemmascope_jax.analysis.row_store import RowStore
+from gemmascope_jax.analysis.attribution.graph_quality import graph_quality
+from gemmascope_jax.analysis.attribution.replacement import _decoder_delta
+from gemmascope_jax.analysis.attribution.row_store import RowStore
 from gemmascope_jax.cli import run_verb
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary
 from gemmascope_jax.dictionaries.sets import TranscoderSet

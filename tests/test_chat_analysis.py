@@ -13,34 +13,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemmascope_jax.analysis.cot import (
+from gemmascope_jax.analysis.chat.cot import (
     char_to_token_span,
     cot_from_response,
     cot_generate,
     cot_view,
     marker_spans,
 )
-from gemmascope_jax.analysis.jailbreak import (
+from gemmascope_jax.analysis.chat.jailbreak import (
     WRAPPERS,
     align_tokens,
     compare_jailbreak,
     jailbreak_diff,
     wrap_prompt,
 )
-from gemmascope_jax.analysis.refusal import (
+from gemmascope_jax.analysis.chat.refusal import (
     PROMPT_SETS,
     aligned_latents,
     load_prompt_set,
     read_prompts,
 )
-from gemmascope_jax.analysis.refusal_ablation import (
+from gemmascope_jax.analysis.chat.refusal_ablation import (
     ABLATION_SITE_KINDS,
     ablation_interventions,
     ablation_refusal_rates,
     is_refusal,
     refusal_rate,
 )
-from gemmascope_jax.analysis.refusal_direction import refusal_direction
+from gemmascope_jax.analysis.chat.refusal_direction import refusal_direction
 from gemmascope_jax.cli import chat as chat_cli
 from gemmascope_jax.cli import run_verb
 from gemmascope_jax.dictionaries import DictionaryConfig, random_dictionary

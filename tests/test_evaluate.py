@@ -275,7 +275,7 @@ class _WordTokenizer:
 
 def test_card_graph_scores(tiny_model, tokens, tmp_path, monkeypatch):
     """Transcoders for every layer get circuit-tracer's graph scores; an SAE says why not."""
-    from gemmascope_jax.analysis import graph_quality
+    from gemmascope_jax.analysis.attribution import graph_quality
 
     monkeypatch.setattr(graph_quality, "DEFAULT_PROMPTS", ("the cat sat on the mat",))
     kinds, kw = _kinds(), {"tokenizer": _WordTokenizer(), "absorption": False}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gemmascope_jax.analysis.graph import partial_influence
-from gemmascope_jax.analysis.row_store import RowStore
+from gemmascope_jax.analysis.attribution.graph import partial_influence
+from gemmascope_jax.analysis.attribution.row_store import RowStore
 
 N_LAYERS, N_POS = 4, 6
 

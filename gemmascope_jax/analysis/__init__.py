@@ -18,33 +18,29 @@ Every tool returns plain data (frozen dataclasses with numpy arrays, `to_json()`
 CLI verb: `inspect`, `dashboard`, `steer`, `refusal`, `jailbreak`, `cot`, `attribute`.
 """
 
-from gemmascope_jax.analysis.attribution import attribute, select_logits
-from gemmascope_jax.analysis.common import check_dictionary, check_latents
-from gemmascope_jax.analysis.cot import CoTView, cot_from_response, cot_generate, cot_view
-from gemmascope_jax.analysis.dashboard import build_dashboard
-from gemmascope_jax.analysis.features import FeatureReport, top_features
-from gemmascope_jax.analysis.graph import (
+from gemmascope_jax.analysis.attribution.attribute import attribute, select_logits
+from gemmascope_jax.analysis.attribution.graph import (
     AttributionGraph,
     graph_json,
     prune_graph,
     write_graph_files,
 )
-from gemmascope_jax.analysis.jailbreak import (
+from gemmascope_jax.analysis.attribution.replacement import ReplacementModel, intervene
+from gemmascope_jax.analysis.chat.cot import CoTView, cot_from_response, cot_generate, cot_view
+from gemmascope_jax.analysis.chat.jailbreak import (
     WRAPPERS,
     JailbreakDiff,
     compare_jailbreak,
     jailbreak_diff,
 )
-from gemmascope_jax.analysis.logit_lens import LogitLens, logit_lens, logit_lens_table
-from gemmascope_jax.analysis.max_examples import MaxExamples, corpus_batches, scan_corpus
-from gemmascope_jax.analysis.refusal import (
+from gemmascope_jax.analysis.chat.refusal import (
     AlignedLatents,
     RefusalReport,
     aligned_latents,
     load_prompt_set,
     refusal_analysis,
 )
-from gemmascope_jax.analysis.refusal_ablation import (
+from gemmascope_jax.analysis.chat.refusal_ablation import (
     REFUSAL_PHRASES,
     RefusalRates,
     ablate_direction,
@@ -53,8 +49,12 @@ from gemmascope_jax.analysis.refusal_ablation import (
     is_refusal,
     refusal_rate,
 )
-from gemmascope_jax.analysis.refusal_direction import RefusalDirection, refusal_direction
-from gemmascope_jax.analysis.replacement import ReplacementModel, intervene
+from gemmascope_jax.analysis.chat.refusal_direction import RefusalDirection, refusal_direction
+from gemmascope_jax.analysis.common import check_dictionary, check_latents
+from gemmascope_jax.analysis.dashboard import build_dashboard
+from gemmascope_jax.analysis.features import FeatureReport, top_features
+from gemmascope_jax.analysis.logit_lens import LogitLens, logit_lens, logit_lens_table
+from gemmascope_jax.analysis.max_examples import MaxExamples, corpus_batches, scan_corpus
 from gemmascope_jax.analysis.steering import (
     SteeringResult,
     ablate_interventions,

@@ -1,8 +1,8 @@
 """`gemmascope-jax attribute`: the attribution graph of a prompt, written as circuit-tracer
 graph files (JSON for the viewer / Neuronpedia) and a PNG.
 
-The library behind it: `analysis.replacement.ReplacementModel`, `analysis.attribution.attribute`
-and `analysis.graph.write_graph_files`.
+The library behind it (`analysis.attribution`): `replacement.ReplacementModel`,
+`attribute.attribute` and `graph.write_graph_files`.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def add_attribute_parser(subparsers) -> argparse.ArgumentParser:
 
 def attribute_command(args: argparse.Namespace) -> int:
     """Handler of `attribute`; prints the written paths, errors to stderr."""
-    from gemmascope_jax.analysis.attribution import attribute
-    from gemmascope_jax.analysis.graph import write_graph_files
-    from gemmascope_jax.analysis.replacement import ReplacementModel
+    from gemmascope_jax.analysis.attribution.attribute import attribute
+    from gemmascope_jax.analysis.attribution.graph import write_graph_files
+    from gemmascope_jax.analysis.attribution.replacement import ReplacementModel
     from gemmascope_jax.dictionaries.sets import TranscoderSet
     from gemmascope_jax.formats.sets import load_transcoder_set
 

@@ -8,8 +8,8 @@ The model defaults to the embedded Gemma 3 270M. Files: `refusal.json`, `refusal
 `refusal_aligned.png`, `refusal_rates.png` (with generation), `refusal_sweep.png`
 (`--layer-sweep`); `jailbreak.json`, `jailbreak_deltas.png`, `jailbreak_tokens.png`;
 `cot.json`, `cot_latents.png`, `cot_tokens.png`. The analyses are library code
-(`analysis.refusal.refusal_analysis`, `analysis.jailbreak.compare_jailbreak`,
-`analysis.cot.cot_generate` / `cot_from_response`); this module draws their plots.
+(`analysis.chat.refusal.refusal_analysis`, `analysis.chat.jailbreak.compare_jailbreak`,
+`analysis.chat.cot.cot_generate` / `cot_from_response`); this module draws their plots.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def refusal_site(d, num_layers: int) -> str:
 
 
 def _refusal(args: argparse.Namespace) -> list[Path]:
-    from gemmascope_jax.analysis.refusal import refusal_analysis
+    from gemmascope_jax.analysis.chat.refusal import refusal_analysis
 
     model, tok, d, out = _setup(args, site=args.site)
     site = args.site or refusal_site(d, model.cfg.num_layers)
@@ -163,7 +163,7 @@ def add_refusal_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _jailbreak(args: argparse.Namespace) -> list[Path]:
-    from gemmascope_jax.analysis.jailbreak import compare_jailbreak
+    from gemmascope_jax.analysis.chat.jailbreak import compare_jailbreak
 
     model, tok, d, out = _setup(args)
     diff = compare_jailbreak(model, tok, d, args.prompt, wrapper=args.wrapper, chat=not args.plain)
@@ -202,7 +202,7 @@ def _heatmap(values, row_labels, tokens, title, out: Path, name="jailbreak_token
 
 def add_jailbreak_parser(subparsers) -> argparse.ArgumentParser:
     """Register `jailbreak`: latents that change when a prompt is wrapped."""
-    from gemmascope_jax.analysis.jailbreak import WRAPPERS
+    from gemmascope_jax.analysis.chat.jailbreak import WRAPPERS
 
     p = subparsers.add_parser("jailbreak", help="latents that change under a jailbreak wrapper")
     _common_args(p)
@@ -221,7 +221,7 @@ def add_jailbreak_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _cot(args: argparse.Namespace) -> list[Path]:
-    from gemmascope_jax.analysis.cot import cot_from_response, cot_generate
+    from gemmascope_jax.analysis.chat.cot import cot_from_response, cot_generate
 
     model, tok, d, out = _setup(args)
     if args.response_file:
@@ -272,7 +272,7 @@ def _cot(args: argparse.Namespace) -> list[Path]:
 
 def add_cot_parser(subparsers) -> argparse.ArgumentParser:
     """Register `cot`: latents of the reasoning span vs the answer span."""
-    from gemmascope_jax.analysis.cot import DEFAULT_MARKER
+    from gemmascope_jax.analysis.chat.cot import DEFAULT_MARKER
 
     p = subparsers.add_parser("cot", help="chain-of-thought view: reasoning vs answer latents")
     _common_args(p)

@@ -13,7 +13,7 @@ such batches. The card holds:
 - `absorption`: SAEBench's first-letter absorption, adapted to Gemma 3's vocabulary
   (`absorption.py`; SAEs and crosscoders, when a tokenizer is given);
 - `graph_scores`: circuit-tracer's replacement and completeness scores of attribution graphs
-  on fixed prompts, unpruned and pruned (`analysis.graph_quality`, docs/graph_scores.md;
+  on fixed prompts, unpruned and pruned (`analysis.attribution.graph_quality`, docs/graph_scores.md;
   transcoder sets and CLTs covering every layer, when a tokenizer is given);
 - `plots`: `frequency_histogram.png`, `fvu_per_layer.png` (multi-layer kinds),
   `absorption.png`.
@@ -211,13 +211,13 @@ def _graph_scores(dictionary, model, tokenizer, enabled: bool) -> dict[str, Any]
         return {"skipped": "disabled"}
     if tokenizer is None:
         return {"skipped": "no tokenizer"}
-    from gemmascope_jax.analysis.replacement import check_transcoders
+    from gemmascope_jax.analysis.attribution.replacement import check_transcoders
 
     try:
         check_transcoders(model.cfg, dictionary)
     except ValueError as e:
         return {"skipped": f"not a replacement model: {e}"}
-    from gemmascope_jax.analysis import graph_quality
+    from gemmascope_jax.analysis.attribution import graph_quality
 
     return graph_quality.graph_quality(model, tokenizer, dictionary, graph_quality.DEFAULT_PROMPTS)
 

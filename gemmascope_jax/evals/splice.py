@@ -63,7 +63,7 @@ def _ce(logp: jax.Array, tokens: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
-def _f32(x: jax.Array) -> jax.Array:
+def at_least_f32(x: jax.Array) -> jax.Array:
     """At least float32 (float64 stays: finetuning's finite-difference test runs in it)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -96,14 +96,14 @@ class Splicer:
         return jnp.stack(xs, axis=-2) / s_in[:, None]
 
     def predict(self, j: int) -> jax.Array:
-        y = self.forward(_f32(self._inputs_upto(j)))
+        y = self.forward(at_least_f32(self._inputs_upto(j)))
         if self.cfg.multilayer:
             return y[..., j, :] * jnp.broadcast_to(self.s_out, (self.cfg.num_layers,))[j]
         return y * self.s_out
 
     def record(self, j: int):
         def fn(x):
-            self.seen[j] = _f32(x)
+            self.seen[j] = at_least_f32(x)
             return x
 
         return fn
@@ -111,7 +111,7 @@ class Splicer:
     def replace(self, j: int, same_site: bool):
         def fn(x):
             if same_site:
-                self.seen[j] = _f32(x)
+                self.seen[j] = at_least_f32(x)
             if self.zero:
                 new = jnp.zeros_like(x)
             else:

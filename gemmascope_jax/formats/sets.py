@@ -21,8 +21,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from gemmascope_jax.formats import (
-    FormatError,
+from gemmascope_jax.formats.io import FormatError
+from gemmascope_jax.formats.registry import (
     canonical_format,
     detect_format,
     format_module,

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from gemmascope_jax.evals.splice import Splicer
+from gemmascope_jax.evals.splice import Splicer, at_least_f32
 from gemmascope_jax.training.losses import jumprelu_penalties
 from gemmascope_jax.training.step import DictionaryTraining, TrainState, TrainStep
 
@@ -60,11 +60,6 @@ def token_masks(tokens: jax.Array, bos_id: int, pad_id: int) -> tuple[jax.Array,
 
 def _sq(a: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim)))
-
-
-def _f32(a: jax.Array) -> jax.Array:
-    """At least float32 (float64 stays: the finite-difference test runs the model in it)."""
-    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
 def _expand(w: jax.Array, like: jax.Array) -> jax.Array:
@@ -185,7 +180,8 @@ class FinetuneStep(TrainStep):
         starts = [self._start_layer(t) for t in self.trainings]
         resid = [f"resid_pre.{i}" for i in sorted(set(starts))]
         clean = model(tokens, attention_mask=valid, capture=(*self.sites, *resid))
-        logp_clean = jax.lax.stop_gradient(jax.nn.log_softmax(_f32(clean.logits[:, :-1]), axis=-1))
+        clean_logits = at_least_f32(clean.logits[:, :-1])
+        logp_clean = jax.lax.stop_gradient(jax.nn.log_softmax(clean_logits, axis=-1))
         p_clean = jnp.exp(logp_clean)
         kl_mask = (spliced[:, :-1] & valid[:, 1:]).astype(jnp.float32)
         n_kl = jnp.maximum(jnp.sum(kl_mask), 1.0)
@@ -194,7 +190,7 @@ class FinetuneStep(TrainStep):
         next_tokens = tokens[:, 1:, None]
 
         def site(name, scale):
-            a = _f32(jax.lax.stop_gradient(clean.sites[name]))
+            a = at_least_f32(jax.lax.stop_gradient(clean.sites[name]))
             return a.reshape(b * t_len, -1) / scale
 
         total, metrics, parts = 0.0, [], []
@@ -228,7 +224,7 @@ class FinetuneStep(TrainStep):
             start = starts[i]
             h0 = jax.lax.stop_gradient(clean.sites[f"resid_pre.{start}"])
             logits = forward_from(model, h0, start, valid, interventions)
-            logp = jax.nn.log_softmax(_f32(logits[:, :-1]), axis=-1)
+            logp = jax.nn.log_softmax(at_least_f32(logits[:, :-1]), axis=-1)
             kl = jnp.sum(kl_mask * jnp.sum(p_clean * (logp_clean - logp), axis=-1)) / n_kl
             alpha = jax.lax.stop_gradient(mse / (kl + self.kl_eps))
             e2e = (mse + alpha * self.beta * kl) / (1.0 + self.beta)

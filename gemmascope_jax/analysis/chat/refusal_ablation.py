@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from gemmascope_jax.analysis.refusal_direction import unit
+from gemmascope_jax.analysis.chat.refusal_direction import unit
 from gemmascope_jax.gemma3.generate import generate
 
 ABLATION_SITE_KINDS = ("resid_pre", "resid_mid", "resid_post")

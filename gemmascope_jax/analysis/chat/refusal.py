@@ -21,7 +21,7 @@ Directional ablation: at every layer's `resid_pre`, `resid_mid` and `resid_post`
 component along r̂ is removed, `x - (x · r̂) r̂`, at every token (prompt and generated).
 Refusal is measured with `is_refusal`, a substring classifier over `REFUSAL_PHRASES`.
 
-Prompt sets: `analysis/data/{harmful,harmless}.jsonl`, 24 `{"prompt": ...}` lines each, paired
+Prompt sets: `analysis/chat/data/{harmful,harmless}.jsonl`, 24 `{"prompt": ...}` lines each, paired
 in form (line i of harmless is a benign request shaped like line i of harmful); the harmful
 ones name classic refused requests without operational detail.
 
@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from gemmascope_jax.analysis.chat.refusal_ablation import RefusalRates, ablation_refusal_rates
+from gemmascope_jax.analysis.chat.refusal_direction import RefusalDirection, refusal_direction, unit
 from gemmascope_jax.analysis.common import check_dictionary, dictionary_label
-from gemmascope_jax.analysis.refusal_ablation import RefusalRates, ablation_refusal_rates
-from gemmascope_jax.analysis.refusal_direction import RefusalDirection, refusal_direction, unit
 from gemmascope_jax.dictionaries.base import Dictionary
 from gemmascope_jax.gemma3.tokenizer import prompt_ids
 
@@ -53,7 +53,11 @@ def load_prompt_set(name: str) -> list[str]:
     """The packaged prompts of `name` (`harmful` or `harmless`), in file order."""
     if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; expected one of {PROMPT_SETS}")
-    text = resources.files("gemmascope_jax.analysis").joinpath("data", f"{name}.jsonl").read_text()
+    text = (
+        resources.files("gemmascope_jax.analysis.chat")
+        .joinpath("data", f"{name}.jsonl")
+        .read_text()
+    )
     return read_prompts(text.splitlines(), source=f"{name}.jsonl")
 
 

@@ -33,13 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemmascope_jax.analysis.graph import AttributionGraph
-from gemmascope_jax.analysis.replacement import (
+from gemmascope_jax.analysis.attribution.graph import AttributionGraph
+from gemmascope_jax.analysis.attribution.replacement import (
     ReplacementModel,
     intervene,
     linear_forward,
 )
-from gemmascope_jax.analysis.row_store import ROW_DTYPES, RowStore, available_memory_bytes
+from gemmascope_jax.analysis.attribution.row_store import (
+    ROW_DTYPES,
+    RowStore,
+    available_memory_bytes,
+)
 
 __all__ = ["ReplacementModel", "attribute", "auto_batch_size", "intervene", "select_logits"]
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gemmascope_jax.analysis.attribution import attribute
-from gemmascope_jax.analysis.graph import graph_scores, prune_graph
-from gemmascope_jax.analysis.replacement import ReplacementModel
+from gemmascope_jax.analysis.attribution.attribute import attribute
+from gemmascope_jax.analysis.attribution.graph import graph_scores, prune_graph
+from gemmascope_jax.analysis.attribution.replacement import ReplacementModel
 
 # Short prompts of the kinds circuit-tracer's demos attribute (facts, multi-hop, antonyms,
 # arithmetic, code, multilingual); fixed so scores are comparable between transcoder sets.
