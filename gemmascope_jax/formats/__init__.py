@@ -14,14 +14,9 @@ our native layout.
 | `circuit-tracer` | circuit_tracer, ct          | `config.yaml` + per-layer safetensors        |
 | `native`         | gemmascope-jax, gsj         | `dictionary.json` + `params.safetensors`     |
 
-Every format module follows one contract: `NAME`, `detect(path) -> bool` (cheap, never raises
-for a foreign folder), `load(path, *, progress=False)` and `save(obj, out_dir, *,
-progress=False)`, which writes into an existing empty temporary folder. `save_dictionary` adds
-the atomicity: it writes to a temporary sibling folder, renames it into place at the end,
-refuses an existing output unless `force=True`, and leaves nothing behind when it fails.
-
-Modules are imported when first used, so a format whose module (or optional dependency) is
-missing fails only when that format is asked for.
+The format registry and each format module's contract: `formats/registry.py`. Format modules
+are imported when first used, so a format whose module (or optional dependency) is missing
+fails only when that format is asked for.
 """
 
 from gemmascope_jax.formats.io import FormatError
