@@ -93,6 +93,12 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--l0s", default="16,32,64")
     p.add_argument("--lrs", default="5e-4,2e-3", help="the same grid for both sides")
+    p.add_argument(
+        "--coeffs",
+        default="1",
+        help="sparsity-coefficient grid of the JumpReLU-family SAEs, both sides (ours "
+        "sparsity_coeff, SAELens l0_coefficient); TopK/BatchTopK have none and run once",
+    )
     p.add_argument("--ours", default=",".join(OURS))
     p.add_argument("--theirs", default=",".join(THEIRS), help="also: matryoshka_batchtopk")
     p.add_argument("--train-tokens", type=int, default=24576, help="unique training tokens")
@@ -151,14 +157,14 @@ def matryoshka_widths(width: int) -> tuple[int, ...]:
     return tuple(int(np.cumsum(sizes)[i]) for i in range(4)) + (width,)
 
 
-def recipe_configs(args, steps: int, lr: float, *, short_run: bool):
+def recipe_configs(args, steps: int, lr: float, *, short_run: bool, coeff: float = 1.0):
     """(LossConfig, OptimizerConfig) of our side: GS2's (configs/base.yaml), or with
     `short_run` the settings of docs/recipe.md "Units, and short runs" (for data in sqrt_d
     units); warmups and the dead window scaled to this run's length."""
     loss = LossConfig(
         bandwidth=0.05 if short_run else 0.001,
         threshold_init=0.01 if short_run else None,
-        sparsity_coeff=1.0,
+        sparsity_coeff=coeff,
         sparsity_warmup_steps=max(1, int(args.sparsity_warmup * steps)),
         freq_penalty_coeff=0.0 if short_run else 3.0,
         freq_penalty_max=0.1,
@@ -173,7 +179,7 @@ def recipe_configs(args, steps: int, lr: float, *, short_run: bool):
     return loss, opt
 
 
-def train_ours(arch, l0, lr, args, x_train, order, scale, width):
+def train_ours(arch, l0, lr, args, x_train, order, scale, width, coeff=1.0):
     sqrt_d = arch.endswith(SQRT_D_SUFFIX)
     arch = arch.removesuffix(SQRT_D_SUFFIX)
     extra = {"k": l0} if arch == "batchtopk" else {"l0_target": l0}
@@ -188,11 +194,11 @@ def train_ours(arch, l0, lr, args, x_train, order, scale, width):
         layers=(LAYER,),
         **extra,
     )
-    loss, opt = recipe_configs(args, len(order), lr, short_run=sqrt_d)
+    loss, opt = recipe_configs(args, len(order), lr, short_run=sqrt_d, coeff=coeff)
     step = make_train_step([DictionaryTraining(cfg, loss, opt)])
     mean = {SITE: x_train[:8192] / scale}
     state = step.init(seed=args.seed, mean_batch=mean)
-    bar = tqdm(order, desc=f"ours {arch} L0 {l0} lr {lr:g}", leave=False)
+    bar = tqdm(order, desc=f"ours {arch} L0 {l0} lr {lr:g} coeff {coeff:g}", leave=False)
     for i, idx in enumerate(bar):
         state, metrics = step(state, step.put_batch({SITE: x_train[idx] / scale}))
         if i % 20 == 0:
@@ -207,7 +213,7 @@ def train_ours(arch, l0, lr, args, x_train, order, scale, width):
 # ---- training: SAELens ------------------------------------------------------------------------
 
 
-def train_saelens(arch, l0, lr, args, x_train, order, scale, width):
+def train_saelens(arch, l0, lr, args, x_train, order, scale, width, coeff=1.0):
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.matryoshka_batchtopk_sae import (
@@ -227,6 +233,7 @@ def train_saelens(arch, l0, lr, args, x_train, order, scale, width):
                 d_sae=width,
                 jumprelu_sparsity_loss_mode="quadratic",
                 target_l0=float(l0),
+                l0_coefficient=coeff,
                 l0_warm_up_steps=max(1, int(args.sparsity_warmup * steps)),
             )
         )
@@ -255,7 +262,7 @@ def train_saelens(arch, l0, lr, args, x_train, order, scale, width):
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))  # runner defaults
     since_fired = torch.zeros(width)
     dead_window = max(1, int(args.dead_window * steps))
-    bar = tqdm(order, desc=f"SAELens {arch} L0 {l0} lr {lr:g}", leave=False)
+    bar = tqdm(order, desc=f"SAELens {arch} L0 {l0} lr {lr:g} coeff {coeff:g}", leave=False)
     for i, idx in enumerate(bar):
         out = sae.training_forward_pass(
             step_input=TrainStepInput(
@@ -395,23 +402,43 @@ def _rank(r: dict) -> tuple:
     return (0, r["fvu"]) if miss <= L0_TOLERANCE else (1, miss)
 
 
+def has_coeff(side: str, arch: str) -> bool:
+    """Whether the trial's loss has a sparsity coefficient (JumpReLU family; not TopK)."""
+    return "topk" not in arch if side == "saelens" else not arch.startswith("batchtopk")
+
+
+def _trial(r: dict) -> tuple:
+    """A trial's identity: results from before the coefficient grid ran at coefficient 1."""
+    return (r["side"], r["arch"], r["l0_target"], r["lr"], r.get("coeff", 1.0))
+
+
+def _coeff_cell(r: dict) -> str:
+    return f"{r.get('coeff', 1.0):g}" if has_coeff(r["side"], r["arch"]) else "-"
+
+
 def tables(results: list[dict], best: dict) -> str:
     lines = ["### All runs (held-out activations)", ""]
-    lines += ["| side | architecture | L0 target | lr | L0 | FVU | dead | dense | train s |"]
-    lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: (r["side"], r["arch"], r["l0_target"], r["lr"])):
+    lines += [
+        "| side | architecture | L0 target | lr | coeff | L0 | FVU | dead | dense | train s |"
+    ]
+    lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=_trial):
         lines.append(
             f"| {SIDE_NAME[r['side']]} | {r['arch']} | {r['l0_target']} | {r['lr']:g} "
+            f"| {_coeff_cell(r)} "
             f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} | {r['dense']:.4f} "
             f"| {r['train_s']:.0f} |"
         )
-    lines += ["", "### Best lr per point (lowest FVU with L0 within 25% of target)", ""]
-    lines += ["| side | architecture | L0 target | lr | L0 | FVU | dead | dense | delta loss |"]
-    lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "### Best trial per point (lowest FVU with L0 within 25% of target)", ""]
+    lines += [
+        "| side | architecture | L0 target | lr | coeff | L0 | FVU | dead | dense | delta loss |"
+    ]
+    lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(best):
         r = best[key]
         lines.append(
             f"| {SIDE_NAME[r['side']]} | {r['arch']} | {r['l0_target']} | {r['lr']:g} "
+            f"| {_coeff_cell(r)} "
             f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} | {r['dense']:.4f} "
             f"| {r.get('delta_loss', float('nan')):.4f} |"
         )
@@ -488,6 +515,7 @@ def main(argv=None) -> int:
 
     l0s = [int(v) for v in args.l0s.split(",")]
     lrs = [float(v) for v in args.lrs.split(",")]
+    coeffs = [float(v) for v in args.coeffs.split(",")]
     plan = [("ours", a) for a in args.ours.split(",") if a] + [
         ("saelens", a) for a in args.theirs.split(",") if a
     ]
@@ -501,40 +529,41 @@ def main(argv=None) -> int:
             arrays = dict(np.load(out / "runs" / f"{r['file']}.npz"))
             d = inference_dict(arrays, width, d_in, r["k"])
             r["dense"] = activation_metrics(d, x_held, r["scale"])["dense"]
-    done = {(r["side"], r["arch"], r["l0_target"], r["lr"]) for r in results}
-    for side, arch in plan:
-        for l0 in l0s:
-            for lr in lrs:
-                key = (side, arch, l0, lr)
-                if key in done:
-                    continue
-                t0 = time.perf_counter()
-                if side == "ours":
-                    scale = s_theirs if arch.endswith(SQRT_D_SUFFIX) else s_ours
-                    arrays = train_ours(arch, l0, lr, args, x_train, order, scale, width)
-                else:
-                    sae, arrays = train_saelens(arch, l0, lr, args, x_train, order, s_theirs, width)
-                    scale = s_theirs
-                    if arch in ("jumprelu", "topk") and arch not in checks:
-                        checks[arch] = check_export(
-                            sae, arrays, arch, l0, x_held[:2048], s_theirs, width
-                        )
-                        print(f"export check SAELens {arch}: max rel diff {checks[arch]:.2e}")
-                train_s = time.perf_counter() - t0
-                k = l0 if (side, arch) == ("saelens", "topk") else None
-                m = activation_metrics(inference_dict(arrays, width, d_in, k), x_held, scale)
-                name = f"{side}_{arch}_{l0}_{lr:g}"
-                np.savez(out / "runs" / f"{name}.npz", **arrays)
-                results.append(
-                    dict(side=side, arch=arch, l0_target=l0, lr=lr, scale=scale, k=k,
-                         train_s=train_s, file=name, **m)
-                )  # fmt: skip
-                print(
-                    f"{name}: L0 {m['l0']:.1f} FVU {m['fvu']:.4f} dead {m['dead']:.3f} "
-                    f"({train_s:.0f} s)",
-                    flush=True,
-                )
-                results_path.write_text(json.dumps({"runs": results, "checks": checks}, indent=1))
+    done = {_trial(r) for r in results}
+    grid = [
+        (side, arch, l0, lr, coeff)
+        for side, arch in plan
+        for l0 in l0s
+        for lr in lrs
+        for coeff in (coeffs if has_coeff(side, arch) else [1.0])
+    ]
+    for side, arch, l0, lr, coeff in tqdm(grid, desc="trials"):
+        if (side, arch, l0, lr, coeff) in done:
+            continue
+        t0 = time.perf_counter()
+        if side == "ours":
+            scale = s_theirs if arch.endswith(SQRT_D_SUFFIX) else s_ours
+            arrays = train_ours(arch, l0, lr, args, x_train, order, scale, width, coeff)
+        else:
+            sae, arrays = train_saelens(arch, l0, lr, args, x_train, order, s_theirs, width, coeff)
+            scale = s_theirs
+            if arch in ("jumprelu", "topk") and arch not in checks:
+                checks[arch] = check_export(sae, arrays, arch, l0, x_held[:2048], s_theirs, width)
+                print(f"export check SAELens {arch}: max rel diff {checks[arch]:.2e}")
+        train_s = time.perf_counter() - t0
+        k = l0 if (side, arch) == ("saelens", "topk") else None
+        m = activation_metrics(inference_dict(arrays, width, d_in, k), x_held, scale)
+        name = f"{side}_{arch}_{l0}_{lr:g}" + ("" if coeff == 1.0 else f"_c{coeff:g}")
+        np.savez(out / "runs" / f"{name}.npz", **arrays)
+        results.append(
+            dict(side=side, arch=arch, l0_target=l0, lr=lr, coeff=coeff, scale=scale, k=k,
+                 train_s=train_s, file=name, **m)
+        )  # fmt: skip
+        print(
+            f"{name}: L0 {m['l0']:.1f} FVU {m['fvu']:.4f} dead {m['dead']:.3f} ({train_s:.0f} s)",
+            flush=True,
+        )
+        results_path.write_text(json.dumps({"runs": results, "checks": checks}, indent=1))
 
     best: dict[str, dict] = {}
     for r in results:
