@@ -42,6 +42,7 @@ SLICES = {
     "resid_post_1b_262k": "v5p:2x2x1",
     "resid_post_1b_65k": "v5e:2x2",
     "resid_post_270m_16k": "v5e:2x2",
+    "resid_post_270m_16k_it": "v5e:2x2",
     "resid_post_270m_262k": "v5p:2x2x1",
     "resid_post_270m_65k": "v5e:2x2",
     "resid_post_27b_262k": "v5p:2x2x1",
@@ -204,9 +205,14 @@ def main() -> int:
     jobs = [j for j in dict.fromkeys(jobs) if j[0] not in args.skip]
     if args.cached_only:
         jobs = [j for j in jobs if (cache / f"{_cache_key(*j)}.json").is_file()]
-    # the recipes' own slices first, the FSDP comparison next, slow CLT compiles last
+    # the recipes' own slices first, the FSDP comparison next, slow CLT compiles, the sweep last
     jobs.sort(
-        key=lambda j: (j[0].startswith("clt"), FSDP_MODES[0][:6] in str(j[2]), j[0] not in big)
+        key=lambda j: (
+            j[1] == SWEEP_TOPOLOGY,
+            j[0].startswith("clt"),
+            FSDP_MODES[0][:6] in str(j[2]),
+            j[0] not in big,
+        )
     )
     results = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
