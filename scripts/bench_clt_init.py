@@ -170,26 +170,17 @@ def main(argv=None) -> int:
         ev = trained[arm]
         t = time.perf_counter()
         scores = Path(cfg.run.dir) / "graph_scores.json"
-        if not scores.is_file() and not prompts:
-            gs = {}
-        elif not scores.is_file():
+        if prompts and not scores.is_file():
             clt = load_dictionary(Path(cfg.run.dir) / "export" / "clt" / "native")
             gq = graph_quality.graph_quality(model, tok, clt, prompts)
             scores.write_text(json.dumps(gq, indent=1))
-        if scores.is_file():
-            gs = json.loads(scores.read_text())
+        gs = json.loads(scores.read_text()) if scores.is_file() else {}
         timings[f"{arm}_graphs_s"] = time.perf_counter() - t
-        results[arm] = {
-            "fvu": ev["fvu"],
-            "l0": ev["l0"],
-            "delta_loss": ev.get("delta_loss"),
-            "kl": ev.get("kl"),
-            "dead_fraction": ev.get("dead_fraction"),
-            "replacement": gs.get("unpruned", {}).get("replacement", {}).get("mean"),
-            "completeness": gs.get("unpruned", {}).get("completeness", {}).get("mean"),
-            "replacement_pruned": gs.get("pruned", {}).get("replacement", {}).get("mean"),
-            "completeness_pruned": gs.get("pruned", {}).get("completeness", {}).get("mean"),
-        }
+        results[arm] = {"fvu": ev["fvu"], "l0": ev["l0"]}
+        results[arm].update({k: ev.get(k) for k in ("delta_loss", "kl", "dead_fraction")})
+        for graphs, suffix in (("unpruned", ""), ("pruned", "_pruned")):
+            for score in ("replacement", "completeness"):
+                results[arm][score + suffix] = gs.get(graphs, {}).get(score, {}).get("mean")
         print(f"{arm}: {results[arm]}", flush=True)
     timings["total_s"] = time.perf_counter() - t_all
     payload = {"args": vars(args), "l0_at_init": l0_init, "timings": timings, "results": results}

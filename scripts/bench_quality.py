@@ -27,7 +27,8 @@ Setup (one process, CPU):
    activations (numpy, float64), and delta LM loss with the reconstruction spliced in at
    resid_post.9 on held-out text (the project's `evals.splice` splicer; one spliced forward
    per SAE, the clean CE computed once; checked against `splice_eval` on the first SAE),
-   for the best lr of each (side, architecture, L0 target) by held-out FVU. The export of
+   for the best trial (lr, and with `--coeffs` the sparsity coefficient) of each (side,
+   architecture, L0 target) by held-out FVU. The export of
    a SAELens JumpReLU and TopK SAE is checked against SAELens' own forward.
 
 Writes results.json under --out, docs/quality_frontier.png (--plot) and prints the tables.
@@ -412,8 +413,13 @@ def _trial(r: dict) -> tuple:
     return (r["side"], r["arch"], r["l0_target"], r["lr"], r.get("coeff", 1.0))
 
 
-def _coeff_cell(r: dict) -> str:
-    return f"{r.get('coeff', 1.0):g}" if has_coeff(r["side"], r["arch"]) else "-"
+def _row(r: dict, last: str) -> str:
+    """One trial as a table row: its settings, held-out metrics, then `last`."""
+    coeff = f"{r.get('coeff', 1.0):g}" if has_coeff(r["side"], r["arch"]) else "-"
+    return (
+        f"| {SIDE_NAME[r['side']]} | {r['arch']} | {r['l0_target']} | {r['lr']:g} | {coeff} "
+        f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} | {r['dense']:.4f} | {last} |"
+    )
 
 
 def tables(results: list[dict], best: dict) -> str:
@@ -422,26 +428,13 @@ def tables(results: list[dict], best: dict) -> str:
         "| side | architecture | L0 target | lr | coeff | L0 | FVU | dead | dense | train s |"
     ]
     lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(results, key=_trial):
-        lines.append(
-            f"| {SIDE_NAME[r['side']]} | {r['arch']} | {r['l0_target']} | {r['lr']:g} "
-            f"| {_coeff_cell(r)} "
-            f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} | {r['dense']:.4f} "
-            f"| {r['train_s']:.0f} |"
-        )
+    lines += [_row(r, f"{r['train_s']:.0f}") for r in sorted(results, key=_trial)]
     lines += ["", "### Best trial per point (lowest FVU with L0 within 25% of target)", ""]
     lines += [
         "| side | architecture | L0 target | lr | coeff | L0 | FVU | dead | dense | delta loss |"
     ]
     lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for key in sorted(best):
-        r = best[key]
-        lines.append(
-            f"| {SIDE_NAME[r['side']]} | {r['arch']} | {r['l0_target']} | {r['lr']:g} "
-            f"| {_coeff_cell(r)} "
-            f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['dead']:.3f} | {r['dense']:.4f} "
-            f"| {r.get('delta_loss', float('nan')):.4f} |"
-        )
+    lines += [_row(r, f"{r.get('delta_loss', float('nan')):.4f}") for _, r in sorted(best.items())]
     return "\n".join(lines)
 
 
